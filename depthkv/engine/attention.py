@@ -1,0 +1,97 @@
+"""Attention functions that accept caches whose layers hold different numbers of tokens.
+
+HF transformers builds one attention mask per forward, sized for the *logical* sequence (our pruned layers
+report logical lengths so that RoPE positions continue at the original context length). A layer that kept
+B_l of N context tokens has fewer physical keys than the mask has columns. We register ``depthkv_sdpa`` and
+``depthkv_eager`` (transformers' AttentionInterface): they map the mask's columns onto the layer's physical
+keys, then call the stock sdpa/eager function. The engine's scoring hook rides on the same call, because it
+is the one place where the post-RoPE queries are visible.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+
+from depthkv.engine.cache import PrunedLayer
+
+PREFIX = "depthkv_"
+BASES = ("sdpa", "eager")
+_registered = False
+
+
+def _base_function(module: torch.nn.Module, base: str):
+    if base == "sdpa":
+        return sdpa_attention_forward
+    # eager: the model's own eager function lives in its modeling module
+    return sys.modules[type(module).__module__].eager_attention_forward
+
+
+def _visible(mask: torch.Tensor) -> torch.Tensor:
+    """True where a mask lets attention through (bool masks: True; additive float masks: 0)."""
+    return mask if mask.dtype == torch.bool else mask == 0
+
+
+def align_mask(mask: torch.Tensor | None, layer, n_keys: int, n_query_heads: int) -> torch.Tensor | None:
+    """The logical mask [B, 1|H, Q, W] restricted to this layer's physical keys [B, *, Q, n_keys]."""
+    if mask is None or mask.shape[-1] == n_keys:
+        return mask
+    if not isinstance(layer, PrunedLayer):
+        raise RuntimeError(
+            f"attention mask has {mask.shape[-1]} columns but the layer holds {n_keys} keys and was not pruned "
+            "by depthkv; was the cache modified elsewhere?"
+        )
+    r, p = layer.prefix_end, layer.n_prefix
+    tail = mask[..., r:]
+    if p + tail.shape[-1] != n_keys:
+        raise RuntimeError(f"mask/cache mismatch: {p} kept + {tail.shape[-1]} tail != {n_keys} keys")
+    prefix = mask[..., :r]
+    if bool(_visible(prefix).all()):
+        # common case (no padding): every kept context token is visible to every new query
+        fill = torch.ones((), dtype=torch.bool) if mask.dtype == torch.bool else torch.zeros((), dtype=mask.dtype)
+        shape = (*mask.shape[:-1], p)
+        return torch.cat([fill.to(mask.device).expand(shape), tail], dim=-1)
+    # padding inside the context: gather each KV head's kept columns, then spread over its query heads
+    b, _, q, _ = mask.shape
+    kvh = layer.kept_pos.shape[1]
+    idx = layer.kept_pos.long()[:, :, None, :].expand(b, kvh, q, p)
+    gathered = prefix.expand(b, kvh, q, r).gather(-1, idx)
+    gathered = gathered.repeat_interleave(n_query_heads // kvh, dim=1)
+    return torch.cat([gathered, tail.expand(b, n_query_heads, q, tail.shape[-1])], dim=-1)
+
+
+def _make(base: str):
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        session = getattr(module, "_depthkv_session", None)
+        if session is not None:
+            attention_mask = session.before_attention(module, query, key, value, attention_mask)
+        return _base_function(module, base)(module, query, key, value, attention_mask, **kwargs)
+
+    attention.__name__ = f"{PREFIX}{base}_attention"
+    return attention
+
+
+def register() -> None:
+    """Register depthkv_sdpa / depthkv_eager with transformers (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    for base, mask_fn in (("sdpa", sdpa_mask), ("eager", eager_mask)):
+        AttentionInterface.register(PREFIX + base, _make(base))
+        AttentionMaskInterface.register(PREFIX + base, mask_fn)
+    _registered = True
+
+
+def wrapped_name(current: str) -> str:
+    """The depthkv attention name that wraps the model's current implementation."""
+    base = current[len(PREFIX):] if current.startswith(PREFIX) else current
+    if base not in BASES:
+        raise ValueError(
+            f"depthkv supports attn_implementation 'sdpa' or 'eager', the model uses {current!r}; "
+            "load it with attn_implementation='sdpa'"
+        )
+    return PREFIX + base

@@ -1,0 +1,71 @@
+"""The scorer interface: one small class per token-importance method, higher score = keep.
+
+A scorer sees one layer's post-RoPE queries of the current forward, the layer's physical keys/values
+(already holding this forward's tokens) and the logical position of each key. It returns one score per
+(batch, KV head, key). GQA (design brief): score per query head, then average within each KV group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+
+@dataclass
+class ScoreInputs:
+    query: torch.Tensor  # [B, H, Q, d] post-RoPE queries of this forward (the last Q tokens of the keys)
+    key: torch.Tensor  # [B, KVH, K, d] post-RoPE keys of the layer's cache, physical order
+    value: torch.Tensor  # [B, KVH, K, d]
+    positions: torch.Tensor  # [B, KVH, K] logical positions of the keys
+    scaling: float  # softmax scale of the model's attention (1/sqrt(d) for most models)
+    layer_idx: int
+
+    @property
+    def n_groups(self) -> int:
+        return self.query.shape[1] // self.key.shape[1]
+
+
+class Scorer:
+    """Base class. ``cumulative`` scorers add up over chunks of a chunked prefill (H2O's running sums)."""
+
+    name: ClassVar[str] = ""
+    cumulative: ClassVar[bool] = False
+    needs_attention: ClassVar[bool] = False
+
+    def score(self, x: ScoreInputs) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def grouped_queries(x: ScoreInputs) -> torch.Tensor:
+    """Queries as [B, KVH, G, Q, d] so that each KV head meets its own query group."""
+    b, h, q, d = x.query.shape
+    return x.query.reshape(b, x.key.shape[1], h // x.key.shape[1], q, d)
+
+
+def attention_blocks(
+    x: ScoreInputs, q_start: int = 0, max_elems: int = 1 << 26
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Causal softmax attention of queries [q_start, Q) in blocks: yields (i0, i1, probs [B,KVH,G,i1-i0,K]).
+
+    Never materialises the full N x N matrix of all heads: each block holds at most ``max_elems`` floats.
+    Query i (of Q) sits at physical key index K - Q + i and sees keys 0..K-Q+i.
+    """
+    qg = grouped_queries(x).float()
+    k = x.key.float()
+    b, kvh, g, nq, _ = qg.shape
+    nk = k.shape[2]
+    block = max(1, min(nq, max_elems // max(1, b * kvh * g * nk)))
+    key_idx = torch.arange(nk, device=k.device)
+    for i0 in range(q_start, nq, block):
+        i1 = min(nq, i0 + block)
+        logits = torch.einsum("bhgqd,bhkd->bhgqk", qg[:, :, :, i0:i1], k) * x.scaling
+        last_visible = nk - nq + torch.arange(i0, i1, device=k.device)
+        hidden = key_idx[None, :] > last_visible[:, None]  # [blk, K]
+        logits.masked_fill_(hidden, float("-inf"))
+        yield i0, i1, torch.softmax(logits, dim=-1)

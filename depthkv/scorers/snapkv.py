@@ -1,0 +1,39 @@
+"""SnapKV (Li et al. 2024): the last ``window`` queries vote, votes are smoothed by 1-D average pooling.
+
+The observation window's own tokens get the highest score so they are kept first, as SnapKV keeps its
+window. In a chunked prefill the window is the last ``window`` queries of the current chunk.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from depthkv.scorers.base import ScoreInputs, Scorer, attention_blocks
+
+
+class SnapKV(Scorer):
+    name = "snapkv"
+    needs_attention = True
+
+    def __init__(self, window: int = 32, kernel: int = 5):
+        if window < 1 or kernel < 1 or kernel % 2 == 0:
+            raise ValueError(f"SnapKV needs window >= 1 and an odd kernel >= 1, got {window}, {kernel}")
+        self.window, self.kernel = window, kernel
+
+    def score(self, x: ScoreInputs) -> torch.Tensor:
+        nq, nk = x.query.shape[2], x.key.shape[2]
+        w = min(self.window, nq)
+        votes = torch.zeros(x.key.shape[0], x.key.shape[1], nk, device=x.key.device)
+        for _, _, probs in attention_blocks(x, q_start=nq - w):
+            votes += probs.sum(dim=3).mean(dim=2)
+        votes = votes / w
+        if self.kernel > 1:
+            b, h, k = votes.shape
+            votes = F.avg_pool1d(votes.reshape(b * h, 1, k), self.kernel, stride=1, padding=self.kernel // 2,
+                                 count_include_pad=False).reshape(b, h, k)
+        votes[..., nk - w:] = votes.max() + 1.0
+        return votes
+
+    def __repr__(self) -> str:
+        return f"SnapKV(window={self.window}, kernel={self.kernel})"
