@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny random-initialised models built from configs (no downloads), seeded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+ARCHS = ("llama", "qwen2")
+IMPLS = ("sdpa", "eager")
+
+
+def build_tiny(arch: str, impl: str = "sdpa", n_layers: int = 4, seed: int = 0) -> torch.nn.Module:
+    """A 4-layer GQA model (4 query heads, 2 KV heads, head_dim 16) in float32."""
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=256, max_position_embeddings=4096)
+    if arch == "llama":
+        cfg = transformers.LlamaConfig(**common)
+        cls = transformers.LlamaForCausalLM
+    elif arch == "qwen2":
+        cfg = transformers.Qwen2Config(**common)
+        cls = transformers.Qwen2ForCausalLM
+    else:
+        raise ValueError(arch)
+    cfg._attn_implementation = impl
+    torch.manual_seed(seed)
+    model = cls(cfg).eval()
+    # larger random weights make attention peaky, so that eviction visibly changes outputs
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+            layer.self_attn.k_proj.weight.mul_(4.0)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    cache: dict = {}
+
+    def get(arch: str = "llama", impl: str = "sdpa", n_layers: int = 4):
+        key = (arch, impl, n_layers)
+        if key not in cache:
+            cache[key] = build_tiny(arch, impl, n_layers)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture
+def prompt_ids():
+    gen = torch.Generator().manual_seed(1)
+    return torch.randint(0, 256, (1, 96), generator=gen)
