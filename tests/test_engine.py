@@ -8,9 +8,16 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 import depthkv
-from depthkv.allocation import Budgets, BudgetError, uniform
+from depthkv.allocation import BudgetError, Budgets, uniform
 from depthkv.engine import (
-    Plan, Protection, PrunedLayer, Session, full_kv_bytes, kv_bytes, layer_lengths, score_prefill,
+    Plan,
+    Protection,
+    PrunedLayer,
+    Session,
+    full_kv_bytes,
+    kv_bytes,
+    layer_lengths,
+    score_prefill,
 )
 from depthkv.engine.runner import cache_kwarg, forward_with_cache
 from depthkv.scorers import SCORERS, ScoreInputs, attention_blocks, get_scorer

@@ -95,10 +95,11 @@ class ScoredPrefill:
 
 @torch.no_grad()
 def score_prefill(
-    model: nn.Module, input_ids: torch.Tensor, scorers: list[Scorer], protection: Protection = Protection()
+    model: nn.Module, input_ids: torch.Tensor, scorers: list[Scorer], protection: Protection | None = None
 ) -> ScoredPrefill:
     """Prefill once with the full cache and collect every scorer's token scores for every layer."""
     check_input_ids(input_ids)
+    protection = protection or Protection()
     if not scorers:
         raise ValueError("score_prefill needs at least one scorer")
     protection.check_context(input_ids.shape[1])
