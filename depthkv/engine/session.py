@@ -23,7 +23,7 @@ from torch import nn
 
 from depthkv.allocation.budgets import BudgetError, Budgets
 from depthkv.engine.attention import align_mask, register, wrapped_name
-from depthkv.engine.cache import PrunedLayer, gather_tokens, layer_positions
+from depthkv.engine.cache import PrunedLayer, gather_tokens, kv_bytes, layer_positions
 from depthkv.scorers import ScoreInputs, Scorer
 
 BudgetPolicy = Callable[[int], Budgets]
@@ -98,6 +98,7 @@ class Session:
         self.plan = Plan()
         self.scores: dict[str, list[torch.Tensor | None]] = {}
         self.last_budgets: Budgets | None = None
+        self.kept_kv_bytes: int | None = None  # measured on the real tensors after the last pruning pass
         self._cache = None
         self._handles: list = []
         self._saved_impl: str | None = None
@@ -181,6 +182,8 @@ class Session:
             slot[idx] = scores.gather(-1, keep)
         else:
             slot[idx] = None
+        if idx == self.n_layers - 1:
+            self.kept_kv_bytes = kv_bytes(self._cache)
 
     # ----------------------------------------------------------------- budgets
     def budgets_for(self, context_len: int) -> Budgets:
