@@ -57,6 +57,10 @@ def add_press_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-sink", type=int, default=4, help="protected first tokens per layer (inside the budget)")
     p.add_argument("--n-recent", type=int, default=16, help="protected most recent tokens per layer")
     p.add_argument("--protect-first-layer", action="store_true", help="never prune layer 0 (as the paper)")
+    p.add_argument("--profile", type=Path, default=None, help="calibration profile (from depthkv calibrate)")
+    p.add_argument("--strategy", default=None,
+                   help="allocator splitting --ratio across layers (uniform, pyramid, mlp, mga, mlma-k, "
+                        "proportional, optimal); default: optimal with --profile, else uniform")
 
 
 def load(args: argparse.Namespace):
@@ -90,9 +94,11 @@ def _press_kwargs(args: argparse.Namespace, n_layers: int) -> dict:
     if args.chunk_size is not None:
         kw.update(mode="chunked", chunk_size=args.chunk_size)
     if args.budgets is not None:
+        if args.profile or args.strategy:
+            raise SystemExit("error: --budgets is an explicit vector; it cannot be combined with --profile/--strategy")
         kw["budgets"] = Budgets.load(args.budgets)
     else:
-        kw["ratio"] = args.ratio
+        kw.update(ratio=args.ratio, strategy=args.strategy, profile=args.profile)
     return kw
 
 
@@ -150,6 +156,101 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate_args(p: argparse.ArgumentParser) -> None:
+    from depthkv.calibration.run import DEFAULT_PROBES
+
+    add_model_args(p)
+    p.add_argument("--data", default="mix",
+                   help="calibration data: 'mix' (needle, multikey, vartrack, gsm_inf, code), a task name, or a "
+                        "JSONL file of {context, question, answer} rows")
+    p.add_argument("--scorer", default="snapkv")
+    p.add_argument("--probe-ratios", default=",".join(str(r) for r in DEFAULT_PROBES),
+                   help="comma-separated ratios in (0, 1]; 1 means only the protected window is left")
+    p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--context-tokens", type=int, default=1024)
+    p.add_argument("--n-sink", type=int, default=4)
+    p.add_argument("--n-recent", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--permutations", type=int, default=10_000)
+    p.add_argument("--no-proxy", action="store_true", help="skip the paper's proxy metrics")
+    p.add_argument("--infonce-tau", type=float, default=0.1, help="InfoNCE temperature (proxy metrics)")
+    p.add_argument("--plots", type=Path, default=None, help="folder for the sensitivity plot (PNG)")
+    p.add_argument("--out", type=Path, required=True, help="profile JSON to write")
+
+
+@command("calibrate", _calibrate_args)
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Measure per-layer pruning sensitivity once and write a profile."""
+    from depthkv.calibration.report import print_summary
+    from depthkv.calibration.run import CalibrationConfig, calibrate
+    from depthkv.scorers import get_scorer
+
+    try:
+        probes = tuple(float(x) for x in args.probe_ratios.split(","))
+    except ValueError:
+        raise SystemExit(f"error: --probe-ratios must be numbers, got {args.probe_ratios!r}") from None
+    if any(not 0 < r <= 1 for r in probes) or list(probes) != sorted(set(probes)):
+        raise SystemExit(f"error: probe ratios must be increasing values in (0, 1], got {probes}")
+    if args.samples < 2:
+        raise SystemExit("error: --samples must be >= 2 (statistics need more than one sample)")
+    get_scorer(args.scorer)
+    cfg = CalibrationConfig(scorer=args.scorer, probe_ratios=probes, samples=args.samples,
+                            context_tokens=args.context_tokens, data=args.data, seed=args.seed,
+                            n_sink=args.n_sink, n_recent=args.n_recent, n_perm=args.permutations,
+                            proxy=not args.no_proxy, proxy_tau=args.infonce_tau)
+    lm = load(args)
+    profile = calibrate(lm, cfg)
+    profile.save(args.out)
+    print_summary(profile)
+    print(f"profile written to {args.out}")
+    if args.plots:
+        from depthkv.calibration.report import plot_sensitivity
+
+        print(f"plot written to {plot_sensitivity(profile, args.plots)}")
+    return 0
+
+
+def _allocate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", type=Path, default=None)
+    p.add_argument("--ratio", type=_ratio, required=True)
+    p.add_argument("--strategy", default="optimal")
+    p.add_argument("--context-tokens", type=int, default=2048, help="context length N the budgets are for")
+    p.add_argument("--layers", type=int, default=None, help="layer count (only without --profile)")
+    p.add_argument("--min-tokens", type=int, default=20, help="floor per layer (protected sinks + recent)")
+    p.add_argument("--protect-first-layer", action="store_true")
+    p.add_argument("--out", type=Path, default=None, help="budget JSON to write (for generate --budgets)")
+    p.add_argument("--plot", type=Path, default=None, help="PNG of the allocation beside uniform")
+
+
+@command("allocate", _allocate_args)
+def cmd_allocate(args: argparse.Namespace) -> int:
+    """Split one global KV budget across layers and print/save the budget vector."""
+    from depthkv.allocation import allocate, uniform
+    from depthkv.calibration.profile import Profile
+
+    profile = Profile.load(args.profile) if args.profile else None
+    n_layers = profile.n_layers if profile else args.layers
+    if n_layers is None:
+        raise SystemExit("error: give --profile or --layers")
+    prot = (0,) if args.protect_first_layer else ()
+    b = allocate(args.strategy, n_layers, args.context_tokens, args.ratio,
+                 sensitivity=profile.view() if profile else None, protected=prot, min_tokens=args.min_tokens)
+    u = uniform(n_layers, args.context_tokens, args.ratio, protected=prot, min_tokens=args.min_tokens)
+    print(f"{args.strategy} at ratio {args.ratio} on {args.context_tokens} tokens: total {b.total} "
+          f"(= round({n_layers} x {args.context_tokens} x {1 - args.ratio:.3f}))")
+    print("layer  " + " ".join(f"{i:>5d}" for i in range(n_layers)))
+    print("tokens " + " ".join(f"{t:>5d}" for t in b.tokens))
+    print("uniform" + " ".join(f"{t:>5d}" for t in u.tokens))
+    if args.out:
+        b.save(args.out)
+        print(f"budgets written to {args.out}")
+    if args.plot:
+        from depthkv.calibration.report import plot_allocation
+
+        print(f"plot written to {plot_allocation(b, u, args.plot, profile)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="depthkv", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -162,12 +263,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from depthkv.allocation.budgets import BudgetError
+    from depthkv.allocation.registry import AllocatorError
+    from depthkv.calibration.profile import ProfileError
     from depthkv.models.errors import DepthKVModelError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (BudgetError, DepthKVModelError, FileNotFoundError, NotImplementedError) as exc:
+    except (BudgetError, AllocatorError, ProfileError, DepthKVModelError, FileNotFoundError,
+            NotImplementedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -38,6 +38,8 @@ class PressConfig:
     n_recent: int = 16
     protected_layers: Sequence[int] = ()
     scorer_options: dict = field(default_factory=dict)
+    strategy: str | None = None  # an allocator name (depthkv.allocation); with ratio=, splits it across layers
+    profile: object | None = None  # a calibration Profile (or its path) for allocators that need one
 
     def validate(self, n_layers: int) -> None:
         given = [x is not None for x in (self.ratio, self.budgets, self.policy)]
@@ -45,6 +47,8 @@ class PressConfig:
             raise ValueError("give exactly one of ratio=, budgets= or policy=")
         if self.ratio is not None:
             self.ratio = check_ratio(self.ratio)
+        if (self.strategy is not None or self.profile is not None) and self.ratio is None:
+            raise ValueError("strategy= and profile= split a ratio= across layers: give ratio= too")
         if self.budgets is not None:
             self.budgets.check_length(n_layers)
         if self.mode not in MODES:
@@ -61,7 +65,25 @@ class PressConfig:
         if self.budgets is not None:
             return self.budgets.for_context
         ratio, prot = self.ratio, tuple(self.protected_layers)
+        if self.strategy is not None or self.profile is not None:
+            return self._allocator_policy(n_layers, protection)
         return lambda n: uniform(n_layers, n, ratio, protected=prot, min_tokens=min(n, protection.size))
+
+
+    def _allocator_policy(self, n_layers: int, protection: Protection) -> BudgetPolicy:
+        from depthkv.allocation import allocate
+        from depthkv.calibration.profile import Profile
+
+        strategy = self.strategy or "optimal"
+        prot = tuple(self.protected_layers)
+        if self.profile is None:
+            allocate(strategy, n_layers, 64 * max(1, protection.size), self.ratio, protected=prot)  # fail early
+            return lambda n: allocate(strategy, n_layers, n, self.ratio, protected=prot,
+                                      min_tokens=min(n, protection.size))
+        profile = self.profile if isinstance(self.profile, Profile) else Profile.load(self.profile)
+        if profile.n_layers != n_layers:
+            raise BudgetError(f"profile has {profile.n_layers} layers, the model {n_layers}: wrong profile")
+        return profile.policy(strategy, self.ratio, protected=prot, min_tokens=protection.size)
 
 
 @dataclass
@@ -82,6 +104,13 @@ class Press:
         self.config = config
         self.session = Session(model)
         config.validate(self.session.n_layers)
+        if config.profile is not None:
+            from depthkv.calibration.profile import Profile
+            from depthkv.models.identity import model_identity
+
+            if not isinstance(config.profile, Profile):
+                config.profile = Profile.load(config.profile)
+            config.profile.check_model(model_identity(model, getattr(model, "name_or_path", "model")))
         self.scorer = get_scorer(config.scorer, **config.scorer_options)
         self.protection = Protection(config.n_sink, config.n_recent)
         self.policy = config.make_policy(self.session.n_layers, self.protection)
@@ -166,11 +195,18 @@ def press(
     n_sink: int = 4,
     n_recent: int = 16,
     protected_layers: Sequence[int] = (),
+    strategy: str | None = None,
+    profile: object | None = None,
     **scorer_options,
 ) -> Press:
-    """Prune ``model``'s KV cache inside a ``with`` block (see the module docstring)."""
+    """Prune ``model``'s KV cache inside a ``with`` block (see the module docstring).
+
+    ``ratio`` alone prunes every layer alike; with ``strategy`` (an allocator: uniform, pyramid, mlp, mga,
+    mlma-k, proportional, optimal) and, where the allocator needs one, a calibration ``profile``, the same
+    global budget is split across layers by that allocator (DepthKV).
+    """
     cfg = PressConfig(scorer, ratio, budgets, policy, mode, chunk_size, n_sink, n_recent, tuple(protected_layers),
-                      scorer_options)
+                      scorer_options, strategy, profile)
     return Press(model, cfg)
 
 
