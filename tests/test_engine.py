@@ -313,3 +313,19 @@ def test_plan_off_leaves_scores_empty(tiny_models, prompt_ids):
         model(prompt_ids)
         assert s.scores == {}
     assert not isinstance(model, PrunedLayer)
+
+
+def test_generate_from_scored_prefill_equals_press(tiny_models, prompt_ids):
+    """The sweep path (score once, prune, generate) gives what the one-line press gives."""
+    from depthkv.engine import generate_from_cache
+
+    model = tiny_models("llama", "sdpa")
+    prefix = prompt_ids[:, :-1]
+    sp = score_prefill(model, prefix, [get_scorer("h2o")], Protection(**PROT))
+    budgets = uniform(4, prefix.shape[1], 0.6, min_tokens=6)
+    out = generate_from_cache(model, sp.prune("h2o", budgets), prompt_ids, **GEN)
+    with depthkv.press(model, "h2o", budgets=budgets, **PROT) as p:
+        ref = p.answer(p.compress(prefix), prompt_ids[:, -1:], **GEN)
+    assert torch.equal(out, ref)
+    full = generate_from_cache(model, sp.full_cache(), prompt_ids, **GEN)
+    assert torch.equal(full, model.generate(prompt_ids, **GEN))

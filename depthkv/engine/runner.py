@@ -109,3 +109,20 @@ def score_prefill(
         logits = forward_with_cache(model, input_ids, cache)
         scores = {name: list(slot) for name, slot in session.scores.items()}
     return ScoredPrefill(cache, scores, logits, input_ids.shape[1], protection)
+
+
+@torch.no_grad()
+def generate_from_cache(model: nn.Module, cache: DynamicCache, input_ids: torch.Tensor, **generate_kwargs):
+    """``model.generate`` continuing from a (pruned) cache that already holds the first tokens of ``input_ids``.
+
+    ``input_ids`` is the whole sequence (cached prefix + tokens still to feed); HF feeds only the tokens
+    past the cache's logical length. The cache is consumed (decoding appends to it): pass a copy
+    (``clone_cache``) to reuse one pruned context. Runs with mask alignment on and pruning off.
+    """
+    check_input_ids(input_ids)
+    if cache.get_seq_length() >= input_ids.shape[1]:
+        raise ValueError("the cache already covers the whole input: leave at least one token to feed")
+    with Session(model) as session:
+        session.set_plan(Plan(kind="off"))
+        kwargs = {cache_kwarg(model): cache, "attention_mask": torch.ones_like(input_ids), **generate_kwargs}
+        return model.generate(input_ids=input_ids, **kwargs)
