@@ -1,0 +1,132 @@
+"""What an allocator may read from a calibration profile: per-layer sensitivity curves and metrics.
+
+A calibration run (design brief, "Calibration") prunes one layer at a time to each probe ratio and
+measures the mean increase of NLL (or KL) on answer tokens; the proxy-metric pass computes, among
+others, the per-layer InfoNCE of the paper. ``SensitivityView`` is the small, validated slice of that
+profile the allocators consume, so that allocation does not depend on the profile's file format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class SensitivityError(ValueError):
+    """A sensitivity view that is malformed or lacks what an allocator needs."""
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a = np.array(a, dtype=np.float64, copy=True)
+    a.setflags(write=False)
+    return a
+
+
+@dataclass(frozen=True, eq=False)
+class SensitivityView:
+    """Per-layer sensitivity that allocators may use.
+
+    ``probe_ratios``: the pruning ratios at which each layer was probed, strictly increasing, each in
+    (0, 1]; 1.0 may stand for "only the scorer's protected window kept".
+    ``degradation``: ``[L, R]`` array, mean increase of NLL (or KL) when only layer ``l`` is pruned to
+    ratio ``probe_ratios[r]``. Mostly >= 0; small negative values (noise) are allowed.
+    ``metric``: optional ``[L]`` array of a per-layer proxy metric, InfoNCE in the paper: a LOWER value
+    marks a MORE critical layer.
+    Either array may be absent (``None``), not both. Arrays are copied and made read-only.
+    """
+
+    probe_ratios: tuple[float, ...] = ()
+    degradation: np.ndarray | None = None
+    metric: np.ndarray | None = None
+    metric_name: str = "infonce"
+
+    def __post_init__(self) -> None:
+        try:
+            ratios = tuple(float(r) for r in self.probe_ratios)
+        except (TypeError, ValueError) as exc:
+            raise SensitivityError(f"probe_ratios must be numbers, got {self.probe_ratios!r}") from exc
+        object.__setattr__(self, "probe_ratios", ratios)
+        if self.degradation is None and self.metric is None:
+            raise SensitivityError("a sensitivity view needs degradation curves, a metric, or both")
+        for r in ratios:
+            if not (0.0 < r <= 1.0):
+                raise SensitivityError(f"probe ratios must lie in (0, 1], got {r}")
+        if any(b <= a for a, b in zip(ratios, ratios[1:])):
+            raise SensitivityError(f"probe ratios must be strictly increasing, got {ratios}")
+        n_layers = None
+        if self.degradation is not None:
+            d = np.asarray(self.degradation, dtype=np.float64)
+            if d.ndim == 1 and len(ratios) == 1:
+                d = d[:, None]
+            if d.ndim != 2:
+                raise SensitivityError(f"degradation must be a [layers, ratios] array, got shape {d.shape}")
+            if d.shape[1] != len(ratios):
+                raise SensitivityError(
+                    f"degradation has {d.shape[1]} columns but there are {len(ratios)} probe ratios {ratios}"
+                )
+            if d.shape[0] < 1 or d.shape[1] < 1:
+                raise SensitivityError(f"degradation is empty (shape {d.shape})")
+            if not np.isfinite(d).all():
+                bad = np.argwhere(~np.isfinite(d))[0]
+                raise SensitivityError(
+                    f"degradation has a non-finite value (NaN or inf) at layer {bad[0]}, ratio {ratios[bad[1]]}"
+                )
+            object.__setattr__(self, "degradation", _frozen(d))
+            n_layers = d.shape[0]
+        elif ratios:
+            raise SensitivityError("probe_ratios were given without degradation curves")
+        if self.metric is not None:
+            m = np.asarray(self.metric, dtype=np.float64)
+            if m.ndim != 1 or m.size < 1:
+                raise SensitivityError(f"metric must be a non-empty [layers] vector, got shape {m.shape}")
+            if not np.isfinite(m).all():
+                raise SensitivityError(
+                    f"{self.metric_name} has a non-finite value (NaN or inf) at layer {int(np.argmin(np.isfinite(m)))}"
+                )
+            if n_layers is not None and m.size != n_layers:
+                raise SensitivityError(
+                    f"{self.metric_name} has {m.size} layers but the degradation curves have {n_layers}"
+                )
+            object.__setattr__(self, "metric", _frozen(m))
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.degradation.shape[0] if self.degradation is not None else self.metric.shape[0])
+
+    @classmethod
+    def from_metric(cls, metric: Sequence[float] | np.ndarray, name: str = "infonce") -> SensitivityView:
+        """A view holding only a per-layer metric (what MGA / MLMA need)."""
+        return cls(metric=np.asarray(metric, dtype=np.float64), metric_name=name)
+
+    def check_layers(self, n_layers: int) -> None:
+        if self.n_layers != n_layers:
+            raise SensitivityError(
+                f"sensitivity was measured on {self.n_layers} layers but the request is for {n_layers} layers"
+            )
+
+    def require(self, what: str, user: str) -> np.ndarray:
+        """The array ``what`` ("degradation" or "metric"), or a clear error naming the allocator ``user``."""
+        arr = getattr(self, what)
+        if arr is None:
+            hint = (
+                "run calibration with the ablation pass (per-layer degradation curves)"
+                if what == "degradation"
+                else "run calibration with the metrics pass (per-layer InfoNCE)"
+            )
+            raise SensitivityError(
+                f"allocator {user!r} needs {what} in the sensitivity view, which has none: {hint}"
+            )
+        return arr
+
+    def ratio_index(self, ratio: float | None) -> int:
+        """Column of ``degradation`` for probe ratio ``ratio`` (``None``: the largest)."""
+        if not self.probe_ratios:
+            raise SensitivityError("this sensitivity view has no probe ratios")
+        if ratio is None:
+            return len(self.probe_ratios) - 1
+        hits = [i for i, r in enumerate(self.probe_ratios) if abs(r - float(ratio)) <= 1e-9]
+        if not hits:
+            raise SensitivityError(f"probe ratio {ratio} was not measured; available: {self.probe_ratios}")
+        return hits[0]
