@@ -39,7 +39,7 @@ def run_one(model_name: str, length: int, mode: str, scorer: str | None, ratio: 
 
     import depthkv
     from depthkv.engine import full_kv_bytes, kv_bytes, layer_lengths
-    from depthkv.engine.runner import cache_kwarg, forward_with_cache, new_cache
+    from depthkv.engine.runner import forward_with_cache, new_cache
     from depthkv.models import load_model
 
     torch.manual_seed(0)
@@ -72,11 +72,8 @@ def run_one(model_name: str, length: int, mode: str, scorer: str | None, ratio: 
     else:
         kw = dict(mode="chunked", chunk_size=chunk) if mode == "chunked" else {}
         with depthkv.press(model, sc, ratio=ratio, **kw) as p:
-            hook = model.model.register_forward_hook(
-                lambda m, a, k, o: peak_kv.__setitem__(0, max(peak_kv[0], kv_bytes(k[cache_kwarg(model)]))),
-                with_kwargs=True)
             comp = p.compress(ids)
-            hook.remove()
+            peak_kv[0] = p.session.peak_kv_bytes
         cache = comp.cache
     seconds = time.perf_counter() - t0
     kept = kv_bytes(cache)
@@ -86,7 +83,7 @@ def run_one(model_name: str, length: int, mode: str, scorer: str | None, ratio: 
         "prefill_s": round(seconds, 3), "score_s": round(timing["score_s"], 3),
         "score_share": round(timing["score_s"] / seconds, 4) if scorer else 0.0,
         "kv_bytes_full": full_kv_bytes(model, length), "kv_bytes_kept": kept,
-        "kv_bytes_peak": max(peak_kv[0], kept) if mode == "chunked" else None,
+        "kv_bytes_peak": max(peak_kv[0], kept),
         "kv_share_kept": round(kept / full_kv_bytes(model, length), 4),
         "layer_lengths_min_max": [min(layer_lengths(cache)), max(layer_lengths(cache))],
         "rss_model_mb": round(base_rss, 1), "rss_peak_mb": round(rss_mb(), 1),

@@ -99,6 +99,7 @@ class Session:
         self.scores: dict[str, list[torch.Tensor | None]] = {}
         self.last_budgets: Budgets | None = None
         self.kept_kv_bytes: int | None = None  # measured on the real tensors after the last pruning pass
+        self.peak_kv_bytes = 0  # largest KV footprint seen just before a pruning step (since the last set_plan)
         self._cache = None
         self._handles: list = []
         self._saved_impl: str | None = None
@@ -175,6 +176,7 @@ class Session:
             return  # already pruned in this forward
         n_context = layer.get_seq_length() if kind == "post" else self.plan.context_len
         budgets = self.budgets_for(n_context)
+        self.peak_kv_bytes = max(self.peak_kv_bytes, kv_bytes(self._cache))
         scores = slot[idx]
         new_layer, keep = prune_layer(layer, scores, budgets.tokens[idx], self.plan.protection)
         self._cache.layers[idx] = new_layer
@@ -206,6 +208,7 @@ class Session:
             self.last_budgets = None
         self.plan = plan
         self.scores = {}
+        self.peak_kv_bytes = 0
 
 
 def prune_layer(layer, scores: torch.Tensor, budget: int, protection: Protection):
