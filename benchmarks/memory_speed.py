@@ -66,11 +66,12 @@ def budgets_for(method: str, n_layers: int, n: int, ratio: float):
     return allocate(strategy, n_layers, n, ratio, min_tokens=20)
 
 
-def measure(model, device: str, n: int, method: str, mode: str, ratio: float, chunk: int, decode: int) -> dict:
+def measure(model, device: str, n: int, method: str, mode: str, ratio: float, chunk: int, decode: int,
+            scorer: str = "snapkv") -> dict:
     import torch
 
     import depthkv
-    from depthkv.engine import full_kv_bytes, kv_bytes
+    from depthkv.engine import clone_cache, full_kv_bytes, kv_bytes
     from depthkv.engine.runner import forward_with_cache, generate_from_cache, new_cache
 
     cuda = device.startswith("cuda")
@@ -93,20 +94,33 @@ def measure(model, device: str, n: int, method: str, mode: str, ratio: float, ch
     else:
         b = budgets_for(method, n_layers, n, ratio)
         kw = dict(mode="chunked", chunk_size=chunk) if mode == "chunked" else {}
-        with depthkv.press(model, "snapkv", budgets=b, **kw) as p:
+        with depthkv.press(model, scorer, budgets=b, **kw) as p:
             cache = p.compress(prefix).cache
             peak_kv[0] = p.session.peak_kv_bytes
     sync()
     prefill_s = time.perf_counter() - t0
     kept = kv_bytes(cache)
     prefill_peak = (torch.cuda.max_memory_allocated() - base) if cuda else None
-    # decode: plain HF generate from the (pruned) cache, greedy, fixed token count
+    # decode: plain HF generate from the (pruned) cache, greedy, fixed token count; timed twice on copies of
+    # the cache, the second time after releasing the allocator's cached blocks (to see allocator effects)
+    spare = clone_cache(cache) if cuda else None
     sync()
     t1 = time.perf_counter()
     out = generate_from_cache(model, cache, ids, max_new_tokens=decode, min_new_tokens=decode, do_sample=False)
     sync()
     decode_s = time.perf_counter() - t1
     steps = out.shape[1] - ids.shape[1]
+    second = None
+    if cuda:
+        del cache
+        gc.collect()
+        torch.cuda.empty_cache()
+        sync()
+        t2 = time.perf_counter()
+        generate_from_cache(model, spare, ids, max_new_tokens=decode, min_new_tokens=decode, do_sample=False)
+        sync()
+        second = round(1000 * (time.perf_counter() - t2) / max(1, steps), 2)
+        cache = spare
     row = {
         "context": n, "method": method, "mode": mode if method != "full" else "full", "ratio": ratio if method != "full" else 0.0,
         "kv_bytes_full": full_kv_bytes(model, n), "kv_bytes_kept": kept,
@@ -117,6 +131,7 @@ def measure(model, device: str, n: int, method: str, mode: str, ratio: float, ch
         # the first generated token comes from feeding the last prompt token: every step is a 1-token forward
         "decode_ms_per_step": round(1000 * decode_s / max(1, steps), 2),
         "decode_tok_per_s": round(steps / decode_s, 2),
+        "decode_ms_per_step_after_empty_cache": second, "scorer": scorer if method != "full" else None,
     }
     if cuda:
         row["device_peak_prefill_bytes"] = int(prefill_peak)
@@ -138,6 +153,7 @@ def main() -> None:
     ap.add_argument("--modes", default="post,chunked")
     ap.add_argument("--chunk-size", type=int, default=1024)
     ap.add_argument("--decode", type=int, default=32)
+    ap.add_argument("--scorer", default="snapkv")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -154,14 +170,14 @@ def main() -> None:
     if args.one is not None:  # CPU: one configuration per process so that peak RSS is its own
         n, method, mode, r = plan[int(args.one)]
         model = build_model(args.model, args.device, dtype)
-        print(json.dumps(measure(model, args.device, n, method, mode, r, args.chunk_size, args.decode)))
+        print(json.dumps(measure(model, args.device, n, method, mode, r, args.chunk_size, args.decode, args.scorer)))
         return
     rows = []
     model = build_model(args.model, args.device, dtype) if args.device != "cpu" else None
     for i, (n, method, mode, r) in enumerate(plan):
         if model is not None:
             try:
-                row = measure(model, args.device, n, method, mode, r, args.chunk_size, args.decode)
+                row = measure(model, args.device, n, method, mode, r, args.chunk_size, args.decode, args.scorer)
             except torch.cuda.OutOfMemoryError as exc:
                 row = {"context": n, "method": method, "mode": mode, "ratio": r, "error": f"OOM: {exc}"[:200]}
                 torch.cuda.empty_cache()
@@ -178,7 +194,7 @@ def main() -> None:
     meta = {"date": date.today().isoformat(), "model": args.model, "device": args.device,
             "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
             "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-            "dtype": args.dtype, "command": "python " + " ".join(sys.argv), "scorer": "snapkv",
+            "dtype": args.dtype, "command": "python " + " ".join(sys.argv), "scorer": args.scorer,
             "data": "random token ids (seeded by context length)"}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")

@@ -56,15 +56,18 @@ def attention_blocks(
     Never materialises the full N x N matrix of all heads: each block holds at most ``max_elems`` floats.
     Query i (of Q) sits at physical key index K - Q + i and sees keys 0..K-Q+i.
     """
-    qg = grouped_queries(x).float()
-    k = x.key.float()
+    # on GPU the matmul runs in the model's dtype (fp32 accumulation in the tensor cores), softmax in fp32;
+    # on CPU everything is fp32 (half-precision matmuls are slow there)
+    dtype = x.query.dtype if x.query.is_cuda else torch.float32
+    qg = grouped_queries(x).to(dtype)
+    k = x.key.to(dtype)
     b, kvh, g, nq, _ = qg.shape
     nk = k.shape[2]
     block = max(1, min(nq, max_elems // max(1, b * kvh * g * nk)))
     key_idx = torch.arange(nk, device=k.device)
     for i0 in range(q_start, nq, block):
         i1 = min(nq, i0 + block)
-        logits = torch.einsum("bhgqd,bhkd->bhgqk", qg[:, :, :, i0:i1], k) * x.scaling
+        logits = torch.einsum("bhgqd,bhkd->bhgqk", qg[:, :, :, i0:i1], k).float() * x.scaling
         last_visible = nk - nq + torch.arange(i0, i1, device=k.device)
         hidden = key_idx[None, :] > last_visible[:, None]  # [blk, K]
         logits.masked_fill_(hidden, float("-inf"))
