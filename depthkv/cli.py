@@ -251,6 +251,144 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    p.add_argument("--tasks", default="needle,vartrack",
+                   help="comma-separated tasks (needle, multikey, vartrack, gsm_inf, code_next_line, summarise, "
+                        "jsonl:PATH)")
+    p.add_argument("--methods", default="full,uniform,pyramid,optimal",
+                   help="comma-separated: full (no pruning) and allocators (uniform, pyramid, mlp, mga, mlma-k, "
+                        "proportional, optimal)")
+    p.add_argument("--scorers", default="snapkv", help="comma-separated in-layer token scorers")
+    p.add_argument("--ratios", default="0.2,0.4,0.6,0.8,0.9", help="comma-separated ratios (share removed)")
+    p.add_argument("--samples", type=int, default=8, help="samples per task")
+    p.add_argument("--context-tokens", type=int, default=1024)
+    p.add_argument("--settings", default="aware", help="aware (question in the prefill), agnostic, or both")
+    p.add_argument("--profile", type=Path, default=None,
+                   help="calibration profile; needed by mga, mlma-k, proportional, optimal")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: per task (32-128)")
+    p.add_argument("--protect-first-layer", action="store_true", help="never prune layer 0 (as the paper)")
+    p.add_argument("--n-sink", type=int, default=4)
+    p.add_argument("--n-recent", type=int, default=16)
+    p.add_argument("--min-tokens", type=int, default=None,
+                   help="least tokens a pruned layer keeps (default: the protected window, n-sink + n-recent)")
+    p.add_argument("--task-options", default=None,
+                   help='task generator options as JSON, e.g. \'{"needle": {"lengths": [512, 1024]}}\'')
+    p.add_argument("--out", type=Path, required=True, help="results folder (resumed if it holds the same run)")
+    p.add_argument("--force", action="store_true", help="start over in --out even if it holds another run")
+    p.add_argument("--no-progress", action="store_true")
+
+
+@command("eval", _eval_args)
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Sweep tasks x methods x scorers x ratios (one prefill per sample and setting), resumable."""
+    from depthkv.eval.results import EvalError
+
+    try:
+        return _eval(args)
+    except EvalError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; finished cells are in {args.out}/results.jsonl; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from depthkv.eval.runner import EvalConfig, parse_list, parse_ratios, parse_task_options, run_eval
+    from depthkv.eval.summary import print_summary, summarise, write_summary
+
+    settings = parse_list(args.settings, "settings")
+    if settings == ["both"]:
+        settings = ["aware", "agnostic"]
+    cfg = EvalConfig(
+        model=args.model, tasks=parse_list(args.tasks, "tasks"), methods=parse_list(args.methods, "methods"),
+        scorers=parse_list(args.scorers, "scorers"), ratios=parse_ratios(args.ratios), samples=args.samples,
+        context_tokens=args.context_tokens, settings=settings,
+        profile=str(args.profile) if args.profile else None, seed=args.seed, max_new_tokens=args.max_new_tokens,
+        protect_first_layer=args.protect_first_layer, n_sink=args.n_sink, n_recent=args.n_recent,
+        min_tokens=args.min_tokens, task_options=parse_task_options(args.task_options), dtype=args.dtype,
+        attn=args.attn,
+    )
+    cfg.validate()  # before loading the model: bad names and a missing --profile fail at once
+    lm = load(args)
+    res = run_eval(lm, cfg, args.out, force=args.force, progress=not args.no_progress)
+    cells = summarise(res.rows)
+    write_summary(res.folder, cells, {"model": lm.name, "folder": str(res.folder)})
+    print_summary(cells, title=f"{lm.name}: mean [95 % CI]; diff = method - uniform (paired over samples)")
+    print(f"{res.new_rows} new rows ({res.skipped} resumed, {res.prefills} prefills) in {res.seconds:.0f} s; "
+          f"results: {res.folder / 'results.jsonl'}, summary: {res.folder / 'summary.csv'}")
+    return 0
+
+
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = (
+        "Transfer matrix (profile calibrated on family A, evaluated on family B): calibrate one profile per\n"
+        "family, evaluate each into its own folder on the same tasks, and report the folders together:\n"
+        "  depthkv calibrate --data needle --out needle.json\n"
+        "  depthkv calibrate --data code_next_line --out code.json\n"
+        "  depthkv eval --profile needle.json --tasks needle,code_next_line --methods uniform,optimal --out runs/needle\n"
+        "  depthkv eval --profile code.json --tasks needle,code_next_line --methods uniform,optimal --out runs/code\n"
+        "  depthkv report runs/needle runs/code -o report.html\n"
+        "Each cell: gain of the method over uniform on that task (mean over samples, 95 % bootstrap CI)."
+    )
+    p.add_argument("folders", nargs="+", type=Path,
+                   help="evaluation folders (several with different profiles give a transfer matrix)")
+    p.add_argument("-o", "--out", type=Path, default=Path("report.html"))
+    p.add_argument("--no-embed", action="store_true", help="link the PNGs instead of embedding them")
+
+
+@command("report", _report_args)
+def cmd_report(args: argparse.Namespace) -> int:
+    """HTML report (plots, headline table with CIs, transfer matrix) from evaluation folders."""
+    from depthkv.eval.report import build_report
+    from depthkv.eval.results import EvalError
+
+    try:
+        path = build_report(args.folders, args.out, embed=not args.no_embed)
+    except EvalError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"report written to {path}")
+    return 0
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    from depthkv.eval.demo import DemoConfig
+
+    d = DemoConfig()
+    p.add_argument("--samples", type=int, default=d.samples, help="evaluation samples per task")
+    p.add_argument("--calib-samples", type=int, default=d.calib_samples)
+    p.add_argument("--context-tokens", type=int, default=d.context_tokens, help="evaluation context length")
+    p.add_argument("--calib-context-tokens", type=int, default=d.calib_context_tokens)
+    p.add_argument("--model", default=d.model)
+    p.add_argument("--out", type=Path, default=Path(d.out))
+    p.add_argument("--force", action="store_true", help="recalibrate and re-evaluate from scratch")
+
+
+@command("demo", _demo_args)
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The main job end to end: calibrate -> allocate -> eval -> report (SmolLM2, ~10 min on 2 CPUs)."""
+    from depthkv.eval.demo import DemoConfig, run_demo
+    from depthkv.eval.results import EvalError
+
+    cfg = DemoConfig(model=args.model, samples=args.samples, calib_samples=args.calib_samples,
+                     context_tokens=args.context_tokens, calib_context_tokens=args.calib_context_tokens,
+                     out=str(args.out))
+    try:
+        path = run_demo(cfg, force=args.force)
+    except EvalError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; rerun the same command to resume in {args.out}", file=sys.stderr)
+        return 130
+    return 0 if path.exists() else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="depthkv", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

@@ -1,0 +1,183 @@
+"""Results files of an evaluation run: ``DIR/config.json`` and the append-only ``DIR/results.jsonl``.
+
+One JSON object per line, one line per cell (sample, setting, method, scorer, ratio). Every row carries the
+full configuration, so a row means the same thing wherever it is copied. Rows are appended and flushed one
+at a time: a run killed at any moment leaves at most one truncated last line, which :func:`load_rows`
+drops (and :class:`ResultsWriter` cuts off before appending), so a restart resumes from the last complete
+cell.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+RESULTS = "results.jsonl"
+CONFIG = "config.json"
+ROW_SCHEMA = 1
+
+
+class EvalError(ValueError):
+    """A misconfigured evaluation (bad arguments, a results folder from another run, ...)."""
+
+
+def ratio_key(ratio: float) -> str:
+    """Canonical text of a ratio for keys (0.6 and 0.6000000001 are the same cell)."""
+    return f"{float(ratio):.6g}"
+
+
+def cell_key(task: str, sample_id: str, setting: str, method: str, scorer: str | None, ratio: float) -> str:
+    """The resumption key of one cell."""
+    return "|".join((task, sample_id, setting, method, scorer or "-", ratio_key(ratio)))
+
+
+def row_key(row: dict[str, Any]) -> str:
+    return cell_key(row["task"], row["sample_id"], row["setting"], row["method"], row.get("scorer"), row["ratio"])
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _good_prefix(path: Path) -> tuple[list[dict], int, int]:
+    """(rows, byte length of the complete, valid lines, total byte length)."""
+    data = path.read_bytes()
+    rows: list[dict] = []
+    good = 0
+    pos = 0
+    lineno = 0
+    while pos < len(data):
+        end = data.find(b"\n", pos)
+        lineno += 1
+        if end < 0:  # an unterminated last line: a write that was cut off
+            break
+        line = data[pos:end]
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                if data[end + 1 :].strip():  # a broken line in the middle is not an interruption
+                    raise EvalError(f"{path}:{lineno}: corrupt results line ({exc}); fix or remove it") from None
+                break
+            if not isinstance(row, dict):
+                raise EvalError(f"{path}:{lineno}: expected a JSON object per line")
+            rows.append(row)
+        pos = good = end + 1
+    return rows, good, len(data)
+
+
+def load_rows(path: str | os.PathLike) -> list[dict]:
+    """Rows of a results file; a truncated last line (an interrupted write) is ignored."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / RESULTS
+    if not path.exists():
+        return []
+    return _good_prefix(path)[0]
+
+
+class ResultsWriter:
+    """Appends rows to ``results.jsonl``, one flushed (and fsynced) line per cell."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.rows: list[dict] = []
+        if self.path.exists():
+            self.rows, good, size = _good_prefix(self.path)
+            if good < size:  # drop the cut-off tail so the next row starts on its own line
+                with open(self.path, "r+b") as fh:
+                    fh.truncate(good)
+        self.done = {row_key(r) for r in self.rows}
+        self._fh = None
+
+    def __enter__(self) -> ResultsWriter:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "a", encoding="utf-8")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def append(self, row: dict) -> None:
+        key = row_key(row)
+        if key in self.done:
+            raise EvalError(f"cell {key} is already in {self.path}")
+        self._fh.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self.rows.append(row)
+        self.done.add(key)
+
+
+def read_config(folder: str | os.PathLike) -> dict | None:
+    path = Path(folder) / CONFIG
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise EvalError(f"{path} is not valid JSON ({exc}); remove it or use --force") from None
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def diff_configs(old: dict, new: dict) -> list[str]:
+    """Human-readable differences between two run configurations."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        if old.get(k) != new.get(k):
+            out.append(f"  {k}: {old.get(k, '<absent>')!r} (in the folder) vs {new.get(k, '<absent>')!r} (now)")
+    return out
+
+
+def prepare_folder(folder: str | os.PathLike, run: dict, *, force: bool = False) -> Path:
+    """Create ``folder`` for a run described by ``run`` (the comparable arguments), or check it matches.
+
+    A folder holding results of a run with other arguments is an error unless ``force``; with ``force`` the
+    old ``config.json`` and ``results.jsonl`` are moved into ``folder/replaced-<time>/`` and the run starts
+    afresh.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    old = read_config(folder)
+    has_rows = (folder / RESULTS).exists() and (folder / RESULTS).stat().st_size > 0
+    if (old is not None and old.get("run") != run) or (old is None and has_rows):
+        if not force:
+            if old is None:
+                raise EvalError(f"{folder} holds {RESULTS} but no {CONFIG}; use another --out or --force to start over")
+            lines = diff_configs(old.get("run", {}), run)
+            raise EvalError(
+                f"{folder} holds results of a run with other arguments:\n" + "\n".join(lines)
+                + "\nrerun with the original arguments to resume, choose another --out, or pass --force to move "
+                "the old results aside and start over"
+            )
+        backup = folder / time.strftime("replaced-%Y%m%d-%H%M%S")
+        backup.mkdir()
+        for name in (CONFIG, RESULTS, "summary.csv", "summary.json"):
+            if (folder / name).exists():
+                os.replace(folder / name, backup / name)
+    return folder
+
+
+def iter_rows(folders: Iterable[str | os.PathLike]) -> Iterator[tuple[Path, dict]]:
+    for f in folders:
+        for r in load_rows(f):
+            yield Path(f), r
