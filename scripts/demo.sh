@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/depthkv generate --model smollm2-135m --ratio 0.6 --builtin "$@"
+exec .venv/bin/depthkv demo "$@"
