@@ -56,6 +56,25 @@ def build_model(name: str, device: str, dtype):
     return load_model(name, dtype=dtype).model.to(device)
 
 
+def copy_bandwidth(device: str, gib: float = 4.0, repeats: int = 10) -> float:
+    """Bytes per second moved by a device-to-device copy, counting read + write (the decode bound's rate)."""
+    import torch
+
+    n = int(gib * 1024**3) // 2
+    a = torch.empty(n, dtype=torch.bfloat16, device=device)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    rate = 2 * a.numel() * a.element_size() * repeats / (time.perf_counter() - t)
+    del a, b
+    torch.cuda.empty_cache()
+    return rate
+
+
 def budgets_for(method: str, n_layers: int, n: int, ratio: float):
     from depthkv.allocation import allocate
 
@@ -174,6 +193,8 @@ def main() -> None:
         return
     rows = []
     model = build_model(args.model, args.device, dtype) if args.device != "cpu" else None
+    bandwidth = copy_bandwidth(args.device) if args.device.startswith("cuda") else None
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) if model is not None else None
     for i, (n, method, mode, r) in enumerate(plan):
         if model is not None:
             try:
@@ -189,12 +210,19 @@ def main() -> None:
                 row = {"context": n, "method": method, "mode": mode, "ratio": r, "error": res.stderr[-300:]}
             else:
                 row = json.loads(res.stdout.strip().splitlines()[-1])
+        if bandwidth and "error" not in row:
+            # bytes-read bound of one decode step: every weight and every kept KV byte read once
+            bound_ms = 1000 * (weight_bytes + row["kv_bytes_kept"]) / bandwidth
+            row["bound_ms"] = round(bound_ms, 2)
+            best = row.get("decode_ms_per_step_after_empty_cache") or row["decode_ms_per_step"]
+            row["ratio_to_bound"] = round(best / bound_ms, 2)
         rows.append(row)
         print(json.dumps(row), flush=True)
     meta = {"date": date.today().isoformat(), "model": args.model, "device": args.device,
             "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
             "torch": torch.__version__, "transformers": __import__("transformers").__version__,
             "dtype": args.dtype, "command": "python " + " ".join(sys.argv), "scorer": args.scorer,
+            "copy_bandwidth_bytes_per_s": bandwidth, "weight_bytes": weight_bytes,
             "data": "random token ids (seeded by context length)"}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
