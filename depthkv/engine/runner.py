@@ -57,8 +57,6 @@ def chunked_prefill(
     logits = None
     for start in range(0, input_ids.shape[1], chunk_size):
         logits = forward_with_cache(model, input_ids[:, start : start + chunk_size], cache)
-    if input_ids.is_cuda:
-        torch.cuda.empty_cache()  # see Session._after_attention: decoding is faster with evicted blocks released
     return cache, logits
 
 

@@ -186,11 +186,6 @@ class Session:
             slot[idx] = None
         if idx == self.n_layers - 1:
             self.kept_kv_bytes = kv_bytes(self._cache)
-            if kind == "post" and new_layer.keys.is_cuda:
-                # Hand the evicted blocks back to the driver. Measured on an H200 (benchmarks/results/
-                # memory_speed_h200_h2o.json): decoding right after a one-shot prefill ran at 100-134 ms/step
-                # with the allocator's cached blocks kept, 33-47 ms/step after releasing them.
-                torch.cuda.empty_cache()
 
     # ----------------------------------------------------------------- budgets
     def budgets_for(self, context_len: int) -> Budgets:
