@@ -25,8 +25,8 @@ def prefill_cost(data: dict) -> str:
 
 def memory_speed(data: dict) -> str:
     rows = ["| context | config | ratio | KV kept (GiB) | KV peak in prefill (GiB) | device peak in prefill (GiB) | "
-            "prefill s | decode ms/step | decode ms/step after empty_cache |",
-            "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+            "prefill s | decode ms/step (1st call) | decode ms/step (2nd call) | bytes-read bound ms | 2nd / bound |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in data["rows"]:
         if "error" in r:
             rows.append(f"| {r['context']} | {r['method']}/{r['mode']} | {r['ratio']} | {r['error'][:40]} |||||")
@@ -37,7 +37,8 @@ def memory_speed(data: dict) -> str:
         rows.append(f"| {r['context']} | {cfg} | {r['ratio']} | {r['kv_bytes_kept'] / GIB:.2f} | "
                     f"{(r['kv_bytes_peak_prefill'] or r['kv_bytes_kept']) / GIB:.2f} | "
                     f"{peak / GIB if peak is not None else float('nan'):.2f} | {r['prefill_s']:.2f} | "
-                    f"{r['decode_ms_per_step']:.1f} | {second if second is not None else '-'} |")
+                    f"{r['decode_ms_per_step']:.1f} | {second if second is not None else '-'} | "
+                    f"{r.get('bound_ms', '-')} | {r.get('ratio_to_bound', '-')} |")
     return "\n".join(rows)
 
 
