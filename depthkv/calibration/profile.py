@@ -103,6 +103,7 @@ class Profile:
             with os.fdopen(fd, "w") as fh:
                 json.dump(self.data, fh, indent=1)
                 fh.write("\n")
+            os.chmod(tmp, 0o644)  # mkstemp creates 0600; a profile is meant to be shared
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
