@@ -110,6 +110,9 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context-tokens", type=int, default=2048, help="length of the built-in prompt")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--sample", action="store_true", help="sample (temperature 0.7) instead of greedy decoding")
+    p.add_argument("--fast", action="store_true",
+                   help="greedy decoding with fixed-size per-layer cache buffers (one CUDA graph per step on GPU); "
+                        "llama/qwen2 families only, not with --sample")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the result as JSON here")
 
@@ -121,12 +124,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     import depthkv
     from depthkv.engine import full_kv_bytes
+    from depthkv.engine.static import FastDecodeError
 
+    if args.fast and args.sample:
+        raise SystemExit("error: --fast decodes greedily; it cannot be combined with --sample")
     lm = load(args)
     model, tok = lm.model, lm.tokenizer
     n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
     kw = _press_kwargs(args, n_layers)
-    pr = depthkv.press(model, **kw)  # validates before any work
+    try:
+        pr = depthkv.press(model, fast=args.fast, **kw)  # validates before any work
+    except FastDecodeError as exc:
+        raise SystemExit(f"error: {exc}") from None
     source, ids, expected = read_prompt(args, tok)
     torch.manual_seed(args.seed)
     gen = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, pad_token_id=tok.eos_token_id)
@@ -151,7 +160,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         args.json.write_text(json.dumps({
             "model": lm.name, "prompt": source, "context_tokens": n, "answer": answer, "expected": expected, "scorer": args.scorer,
             "budgets": pr.budgets.to_dict() if pr.budgets else None, "kv_bytes_full": full,
-            "kv_bytes_kept": kept, "seconds": seconds, "version": depthkv.__version__,
+            "kv_bytes_kept": kept, "seconds": seconds, "fast": args.fast, "version": depthkv.__version__,
         }, indent=2) + "\n")
     return 0
 

@@ -19,6 +19,7 @@ from depthkv.allocation.budgets import BudgetError, Budgets, check_ratio, unifor
 from depthkv.engine.cache import clone_cache, kv_bytes
 from depthkv.engine.runner import cache_kwarg, check_input_ids, chunked_prefill, forward_with_cache, new_cache
 from depthkv.engine.session import BudgetPolicy, Plan, Protection, Session
+from depthkv.engine.static import FastConfig, FastDecodeError, check_greedy, check_model, fast_generate
 from depthkv.scorers import Scorer, get_scorer
 
 MODES = ("post", "chunked")
@@ -40,6 +41,7 @@ class PressConfig:
     scorer_options: dict = field(default_factory=dict)
     strategy: str | None = None  # an allocator name (depthkv.allocation); with ratio=, splits it across layers
     profile: object | None = None  # a calibration Profile (or its path) for allocators that need one
+    fast: bool | FastConfig = False  # greedy decoding with fixed-shape per-layer buffers (CUDA graph on GPU)
 
     def validate(self, n_layers: int) -> None:
         given = [x is not None for x in (self.ratio, self.budgets, self.policy)]
@@ -115,6 +117,10 @@ class Press:
         self.protection = Protection(config.n_sink, config.n_recent)
         self.policy = config.make_policy(self.session.n_layers, self.protection)
         self._orig_generate = None
+        self.fast: FastConfig | None = None
+        if config.fast:
+            check_model(model)  # fail before any work
+            self.fast = config.fast if isinstance(config.fast, FastConfig) else FastConfig()
 
     def _plan(self, kind: str | None = None) -> Plan:
         return Plan(kind=kind or self.config.mode, scorers=[self.scorer], policy=self.policy,
@@ -123,7 +129,10 @@ class Press:
     def __enter__(self) -> Press:
         self.session.__enter__()
         self.session.set_plan(self._plan())
-        if self.config.mode == "chunked":
+        if self.fast is not None:
+            self._orig_generate = self.model.generate
+            self.model.generate = self._generate_fast
+        elif self.config.mode == "chunked":
             self._orig_generate = self.model.generate
             self.model.generate = self._generate_chunked
         return self
@@ -157,6 +166,31 @@ class Press:
         finally:
             self.session.set_plan(self._plan())
 
+    # ------------------------------------------------------------------ fast (fixed-shape) generate
+    def _generate_fast(self, input_ids: torch.Tensor | None = None, **kwargs):
+        """``model.generate`` inside a ``fast`` press: same prefill + pruning, then the fixed-shape greedy decoder."""
+        if input_ids is None:
+            input_ids = kwargs.pop("inputs", None)
+        if input_ids is None:
+            raise FastDecodeError("the fast decode path needs input_ids")
+        if kwargs.pop(cache_kwarg(self.model), None) is not None:
+            raise FastDecodeError("inside a fast press, generate builds its own cache: pass none")
+        check_input_ids(input_ids)
+        check_greedy(self.model, kwargs)
+        try:
+            if self.config.mode == "chunked":
+                if input_ids.shape[1] < 2:
+                    raise FastDecodeError("chunked prefill needs a prompt of at least 2 tokens")
+                cache, _ = chunked_prefill(self.model, self.session, input_ids[:, :-1], self.config.chunk_size)
+                logits = None
+            else:  # post: one prefill, every layer pruned right after its attention
+                cache = new_cache(self.model)
+                logits = forward_with_cache(self.model, input_ids, cache)
+            self.session.set_plan(self._plan("off"))
+            return fast_generate(self.model, cache, input_ids, logits=logits, config=self.fast, **kwargs)
+        finally:
+            self.session.set_plan(self._plan())
+
     # ------------------------------------------------------------------ query-agnostic path
     @torch.no_grad()
     def compress(self, context_ids: torch.Tensor) -> Compressed:
@@ -176,6 +210,9 @@ class Press:
         self.session.set_plan(self._plan("off"))
         try:
             ids = torch.cat([compressed.context_ids, question_ids.to(compressed.context_ids.device)], dim=1)
+            if self.fast is not None:
+                return fast_generate(self.model, clone_cache(compressed.cache), ids, config=self.fast,
+                                     **generate_kwargs)
             gen = self._orig_generate or self.model.generate
             kwargs = {cache_kwarg(self.model): clone_cache(compressed.cache), **generate_kwargs}
             return gen(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
@@ -197,16 +234,19 @@ def press(
     protected_layers: Sequence[int] = (),
     strategy: str | None = None,
     profile: object | None = None,
+    fast: bool | FastConfig = False,
     **scorer_options,
 ) -> Press:
     """Prune ``model``'s KV cache inside a ``with`` block (see the module docstring).
 
     ``ratio`` alone prunes every layer alike; with ``strategy`` (an allocator: uniform, pyramid, mlp, mga,
     mlma-k, proportional, optimal) and, where the allocator needs one, a calibration ``profile``, the same
-    global budget is split across layers by that allocator (DepthKV).
+    global budget is split across layers by that allocator (DepthKV). ``fast=True`` (or a ``FastConfig``)
+    decodes greedily from the pruned cache with per-layer fixed-size buffers and, on CUDA, one CUDA graph per
+    step (``depthkv.engine.static``); it raises where it cannot give the same tokens as plain ``generate``.
     """
     cfg = PressConfig(scorer, ratio, budgets, policy, mode, chunk_size, n_sink, n_recent, tuple(protected_layers),
-                      scorer_options, strategy, profile)
+                      scorer_options, strategy, profile, fast)
     return Press(model, cfg)
 
 

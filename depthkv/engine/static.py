@@ -1,0 +1,434 @@
+"""Fixed-shape greedy decoding from a pruned cache: per-layer-sized static buffers, one CUDA graph per step.
+
+Plain HF decoding from a depthkv cache is bound by launches, Python and ``torch.cat`` growth of every layer's
+cache (issue 6): pruning saves bytes but barely any milliseconds. Here, once the context is pruned, layer l's
+keys/values are copied into a preallocated buffer of ``B_l + horizon`` tokens (``horizon`` = tokens that decoding
+will feed), so every tensor shape stays fixed while decoding and the whole one-token step (embedding, 32 layers,
+LM head, argmax, bookkeeping) can be captured once as a ``torch.cuda.CUDAGraph`` and replayed with no host
+work. All step state lives on the device: the token to feed, its logical RoPE position (continuing at the
+logical length N, as :class:`~depthkv.engine.cache.PrunedLayer` does), the step counter and one additive mask
+per layer that opens the buffer slot written at each step. On CPU the same step runs eagerly (no graphs), which
+is what CI tests against the dynamic path.
+
+The decode step is written against the Llama-family layer (RMSNorm, q/k/v/o projections with optional biases,
+rotary embeddings, SiLU-gated MLP); :func:`check_model` refuses anything else with a clear error instead of
+computing something different. Only greedy decoding is supported.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from depthkv.engine.cache import PrunedLayer
+
+SUPPORTED = {"llama": "LlamaRMSNorm", "qwen2": "Qwen2RMSNorm"}  # model_type -> the RMSNorm class it must use
+ATTENTIONS = ("split", "sdpa")
+
+
+class FastDecodeError(ValueError):
+    """The fast decode path cannot reproduce the dynamic path for this model/cache/request."""
+
+
+@dataclass(frozen=True)
+class FastConfig:
+    """How the fixed-shape decoder runs.
+
+    ``attention``: ``split`` = QK^T with cuBLAS, fp32 softmax, P·V split into ``block``-token chunks (parallel
+    over the cache even for one query token); ``sdpa`` = ``scaled_dot_product_attention`` with the layer's mask.
+    ``block``: buffer storage is rounded up to a multiple of it (masked). ``cuda_graph``: capture the step on
+    CUDA. ``compile``: ``torch.compile`` the shape-independent per-layer parts (norms, projections, RoPE, MLP)
+    to fuse their element-wise kernels (CUDA only; compiled once per model, before the graph capture).
+    ``warmup_steps``: real decode steps run eagerly before capturing (cuBLAS/compile warm-up).
+    """
+
+    attention: str = "split"
+    block: int = 256
+    cuda_graph: bool = True
+    compile: bool = False
+    warmup_steps: int = 2
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTIONS:
+            raise FastDecodeError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        if self.block < 1 or self.warmup_steps < 1:
+            raise FastDecodeError("block and warmup_steps must be >= 1")
+
+
+# ------------------------------------------------------------------------------------------------ model checks
+def check_model(model: nn.Module) -> None:
+    """Raise :class:`FastDecodeError` unless the model's decoder layer is the one the fast step implements."""
+    cfg = model.config.get_text_config(decoder=True)
+    mtype = getattr(cfg, "model_type", None)
+    if mtype not in SUPPORTED:
+        raise FastDecodeError(
+            f"the fast decode path supports model families {sorted(SUPPORTED)}, not {mtype!r}; "
+            "decode without fast=True/--fast")
+    if getattr(cfg, "hidden_act", None) != "silu":
+        raise FastDecodeError(f"fast decoding needs a SiLU-gated MLP, the model uses {cfg.hidden_act!r}")
+    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or ())) or getattr(
+            cfg, "use_sliding_window", False):
+        raise FastDecodeError("sliding-window attention layers are not supported by the fast decode path")
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type", "default")) in ("dynamic", "longrope"):
+        raise FastDecodeError("dynamic/longrope RoPE changes its frequencies with the length: not fixed-shape")
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "layers") or not hasattr(model, "lm_head"):
+        raise FastDecodeError(f"{type(model).__name__}: expected a causal LM with .model.layers and .lm_head")
+    for layer in inner.layers:
+        a, m = layer.self_attn, layer.mlp
+        lins = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj, model.lm_head)
+        if any(type(x) is not nn.Linear for x in lins):
+            raise FastDecodeError("fast decoding needs plain nn.Linear projections (no quantised/adapted layers)")
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            if type(norm).__name__ != SUPPORTED[mtype]:
+                raise FastDecodeError(f"unexpected norm {type(norm).__name__} in a {mtype} model")
+
+
+def check_greedy(model: nn.Module, kwargs: dict) -> int:
+    """Validate ``generate``-style kwargs for the fast path; return ``max_new_tokens``.
+
+    Anything that would change greedy decoding (sampling, beams, penalties, forced/suppressed tokens, a minimum
+    length) raises: the fast path never silently computes something other than ``model.generate`` would.
+    """
+    gc = model.generation_config
+    allowed = {"max_new_tokens", "do_sample", "attention_mask", "pad_token_id", "eos_token_id", "num_beams",
+               "temperature", "top_p", "top_k", "use_cache"}
+    extra = sorted(set(kwargs) - allowed)
+    if extra:
+        raise FastDecodeError(f"generation options not supported by the fast decode path: {extra}")
+    if kwargs.get("do_sample", gc.do_sample):
+        raise FastDecodeError("the fast decode path is greedy only: sampling (do_sample=True) is not supported")
+    if kwargs.get("num_beams", gc.num_beams or 1) != 1:
+        raise FastDecodeError("the fast decode path does not support beam search")
+    changes = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "bad_words_ids": None, "suppress_tokens": None,
+               "begin_suppress_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
+               "min_new_tokens": None, "sequence_bias": None}
+    for name, neutral in changes.items():
+        value = getattr(gc, name, neutral)
+        if value not in (neutral, None) and not (name == "no_repeat_ngram_size" and value == 0):
+            raise FastDecodeError(f"generation_config.{name}={value!r} changes greedy decoding; not supported")
+    if (gc.min_length or 0) > 0:
+        raise FastDecodeError("generation_config.min_length is not supported by the fast decode path")
+    mask = kwargs.get("attention_mask")
+    if mask is not None and not bool(mask.all()):
+        raise FastDecodeError("padded batches (attention_mask with zeros) are not supported by the fast path")
+    n = kwargs.get("max_new_tokens", gc.max_new_tokens)
+    if n is None or n < 1:
+        raise FastDecodeError("the fast decode path needs max_new_tokens >= 1")
+    return int(n)
+
+
+# ------------------------------------------------------------------------------------------------ the cache
+class StaticPrunedCache:
+    """Per-layer K/V buffers ``[B, KVH, B_l + horizon, D]`` filled from a (pruned) dynamic cache, plus masks.
+
+    ``keys[l]``/``values[l]`` are the exact-size buffers (views); their storage is rounded up to a multiple of
+    ``block`` tokens so that attention can split P·V into equal chunks (the padding stays masked). One flat
+    additive mask holds every layer's mask: 0 over the B_l kept tokens, -inf elsewhere; each decode step opens
+    slot ``B_l + step`` of every layer with one ``index_fill_``.
+    """
+
+    def __init__(self, cache, horizon: int, block: int = 256, consume: bool = True):
+        if horizon < 0:
+            raise FastDecodeError(f"horizon must be >= 0, got {horizon}")
+        layers = cache.layers
+        if not layers or not all(getattr(x, "is_initialized", False) for x in layers):
+            raise FastDecodeError("the cache holds no context: prefill first")
+        logical = {x.get_seq_length() for x in layers}
+        if len(logical) != 1:
+            raise FastDecodeError(f"layers disagree on the logical length: {sorted(logical)}")
+        self.logical_len = logical.pop()
+        self.horizon, self.block = int(horizon), int(block)
+        self.lengths = [int(x.keys.shape[-2]) for x in layers]  # B_l
+        ref = layers[0].keys
+        self.dtype, self.device = ref.dtype, ref.device
+        b, kvh, _, d = ref.shape
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self._kstore: list[torch.Tensor] = []
+        self._vstore: list[torch.Tensor] = []
+        caps = []
+        for layer, n in zip(layers, self.lengths):
+            cap = n + self.horizon
+            padded = max(self.block, math.ceil(cap / self.block) * self.block)
+            ks = torch.empty(b, kvh, padded, d, dtype=self.dtype, device=self.device)
+            vs = torch.empty_like(ks)
+            ks[:, :, :n].copy_(layer.keys)
+            vs[:, :, :n].copy_(layer.values)
+            ks[:, :, n:].zero_()
+            vs[:, :, n:].zero_()
+            if consume:  # free the dynamic layer now: the peak stays near one copy of the cache
+                layer.keys = layer.values = torch.empty(0, dtype=self.dtype, device=self.device)
+            self._kstore.append(ks)
+            self._vstore.append(vs)
+            self.keys.append(ks[:, :, :cap])
+            self.values.append(vs[:, :, :cap])
+            caps.append(padded)
+        offsets = [0]
+        for c in caps[:-1]:
+            offsets.append(offsets[-1] + c)
+        self.mask_flat = torch.full((sum(caps),), float("-inf"), dtype=self.dtype, device=self.device)
+        self.masks = [self.mask_flat[o:o + c] for o, c in zip(offsets, caps)]
+        for m, n in zip(self.masks, self.lengths):
+            m[:n] = 0
+        self.base = torch.tensor(self.lengths, dtype=torch.long, device=self.device)  # first free slot per layer
+        self.flat_base = self.base + torch.tensor(offsets, dtype=torch.long, device=self.device)
+        self.step = torch.zeros(1, dtype=torch.long, device=self.device)  # tokens written so far (on device)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.lengths)
+
+    def storage_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._kstore + self._vstore)
+
+    def open_slots(self) -> torch.Tensor:
+        """Unmask this step's slot in every layer; return the per-layer write positions ``[L]`` (in-graph safe)."""
+        self.mask_flat.index_fill_(0, self.flat_base + self.step, 0)
+        return self.base + self.step
+
+    def write(self, idx: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store the new token's key/value ``[B, KVH, 1, D]`` of layer ``idx`` at slot ``pos`` (1-element tensor)."""
+        self._kstore[idx].index_copy_(2, pos, k)
+        self._vstore[idx].index_copy_(2, pos, v)
+
+
+def logical_context(cache) -> int:
+    return cache.layers[0].get_seq_length()
+
+
+def is_pruned(cache) -> bool:
+    return any(isinstance(x, PrunedLayer) for x in cache.layers)
+
+
+# ------------------------------------------------------------------------------------------------ step math
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's Llama/Qwen2 RMSNorm: normalise in fp32, cast back, scale."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def qkv_rope(h, ln_w, eps, wq, bq, wk, bk, wv, bv, cos, sin, n_kv: int, head_dim: int):
+    """Pre-attention half of a layer for one token: norm, projections, RoPE.
+
+    Returns the query grouped by KV head ``[B, KVH, G, D]`` (query head = kv_head * G + g, as HF's repeat_kv)
+    and the new key/value ``[B, KVH, 1, D]``.
+    """
+    b = h.shape[0]
+    x = rms_norm(h, ln_w, eps)
+    q = F.linear(x, wq, bq).view(b, -1, head_dim)  # [B, H, D]
+    k = F.linear(x, wk, bk).view(b, n_kv, head_dim)
+    v = F.linear(x, wv, bv).view(b, n_kv, 1, head_dim)
+    q = q * cos + rotate_half(q) * sin  # cos/sin [B, 1, D]
+    k = k * cos + rotate_half(k) * sin
+    return q.view(b, n_kv, -1, head_dim), k.unsqueeze(2), v
+
+
+def out_mlp(h, attn, wo, bo, ln_w, eps, wg, bg, wu, bu, wd, bd):
+    """Post-attention half of a layer: output projection, residual, norm, SiLU-gated MLP, residual."""
+    h = h + F.linear(attn.reshape(h.shape[0], h.shape[1], -1), wo, bo)
+    x = rms_norm(h, ln_w, eps)
+    return h + F.linear(F.silu(F.linear(x, wg, bg)) * F.linear(x, wu, bu), wd, bd)
+
+
+def attend_split(q, k, v, mask, scale: float, block: int) -> torch.Tensor:
+    """One query token (grouped ``[B, KVH, G, D]``) over a whole buffer ``[B, KVH, C, D]`` with additive ``mask``.
+
+    Scores by one batched matmul, softmax in fp32 (as HF's eager attention), then P·V as ``C / block``
+    independent chunk products summed in fp32, so that the reduction over the cache is spread over many blocks.
+    """
+    b, kvh, g, d = q.shape
+    c = k.shape[2]
+    s = torch.matmul(q, k.transpose(-1, -2)).float() * scale + mask.float()
+    p = torch.softmax(s, dim=-1).to(v.dtype)
+    chunks = c // block
+    o = torch.matmul(p.view(b, kvh, g, chunks, block).transpose(2, 3), v.view(b, kvh, chunks, block, d))
+    return o.sum(2, dtype=torch.float32).to(q.dtype)
+
+
+def attend_sdpa(q, k, v, mask, scale: float, block: int) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.view(1, 1, 1, -1), scale=scale)
+
+
+# ------------------------------------------------------------------------------------------------ the decoder
+def _w(lin: nn.Linear):
+    return lin.weight, lin.bias
+
+
+class FastDecoder:
+    """Greedy decoding over a :class:`StaticPrunedCache` with a fixed-shape step (a CUDA graph on CUDA)."""
+
+    def __init__(self, model: nn.Module, cache: StaticPrunedCache, config: FastConfig | None = None):
+        check_model(model)
+        self.config = config or FastConfig()
+        self.model, self.cache = model, cache
+        cfg = model.config.get_text_config(decoder=True)
+        inner = model.model
+        self.embed, self.norm, self.rotary, self.lm_head = inner.embed_tokens, inner.norm, inner.rotary_emb, model.lm_head
+        a0 = inner.layers[0].self_attn
+        self.head_dim = a0.head_dim
+        self.n_kv = cfg.num_key_value_heads
+        self.scale = float(a0.scaling)
+        if len(inner.layers) != cache.n_layers:
+            raise FastDecodeError(f"cache has {cache.n_layers} layers, the model {len(inner.layers)}")
+        self.layers = []
+        for layer in inner.layers:
+            a, m = layer.self_attn, layer.mlp
+            self.layers.append((
+                (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon,
+                 *_w(a.q_proj), *_w(a.k_proj), *_w(a.v_proj)),
+                (*_w(a.o_proj), layer.post_attention_layernorm.weight,
+                 layer.post_attention_layernorm.variance_epsilon, *_w(m.gate_proj), *_w(m.up_proj), *_w(m.down_proj)),
+            ))
+        dev = cache.device
+        self.cuda = dev.type == "cuda"
+        b = cache.keys[0].shape[0]
+        self.token = torch.zeros(b, 1, dtype=torch.long, device=dev)  # the token fed at the next step
+        self.position = torch.full((b, 1), cache.logical_len, dtype=torch.long, device=dev)
+        self.out = torch.zeros(b, max(1, cache.horizon), dtype=torch.long, device=dev)  # argmax after each step
+        self._pre, self._post = qkv_rope, out_mlp
+        if self.config.compile:
+            if not self.cuda:
+                raise FastDecodeError("compile=True is for CUDA (CPU runs the plain eager step)")
+            self._pre = torch.compile(qkv_rope, fullgraph=True, dynamic=False)
+            self._post = torch.compile(out_mlp, fullgraph=True, dynamic=False)
+        self._attend = attend_split if self.config.attention == "split" else attend_sdpa
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.steps_done = 0
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One greedy step on device state: feed ``token`` at ``position``, write the argmax to ``out``/``token``."""
+        c = self.cache
+        h = self.embed(self.token)  # [B, 1, H]
+        cos, sin = self.rotary(h, self.position)
+        pos = c.open_slots()
+        for i, (pre, post) in enumerate(self.layers):
+            q, k, v = self._pre(h, *pre, cos, sin, self.n_kv, self.head_dim)
+            c.write(i, pos[i:i + 1], k, v)
+            o = self._attend(q, c._kstore[i], c._vstore[i], c.masks[i], self.scale, c.block)
+            h = self._post(h, o, *post)
+        logits = self.lm_head(self.norm(h))  # [B, 1, V]
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        self.out.index_copy_(1, c.step, nxt)
+        self.token.copy_(nxt)
+        self.position.add_(1)
+        c.step.add_(1)
+
+    def _capture(self) -> None:
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.step()
+
+    @torch.no_grad()
+    def run(self, feed: torch.Tensor, n_new: int) -> torch.Tensor:
+        """Feed ``feed`` ([B, k] tokens not yet in the cache) then decode greedily; return the ``n_new`` new tokens.
+
+        The first new token is the argmax after the last fed token. Needs ``horizon >= k + n_new - 1``.
+        """
+        k = feed.shape[1]
+        total = k + n_new - 1
+        if total > self.cache.horizon - self.steps_done:
+            raise FastDecodeError(f"{total} decode steps requested, buffers hold {self.cache.horizon - self.steps_done}")
+        feed = feed.to(self.token.device)
+        start = self.steps_done
+        for i in range(total):
+            if i < k:
+                self.token.copy_(feed[:, i:i + 1])
+            self._one()
+        new = self.out[:, start + k - 1: start + total]
+        return new
+
+    def _one(self) -> None:
+        use_graph = self.cuda and self.config.cuda_graph
+        if use_graph and self.graph is None and self.steps_done >= self.config.warmup_steps:
+            self._capture()
+        if self.graph is not None:
+            self.graph.replay()
+        elif use_graph:  # warm-up steps run eagerly on a side stream, as graph capture requires
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                self.step()
+            torch.cuda.current_stream().wait_stream(s)
+        else:
+            self.step()
+        self.steps_done += 1
+
+
+# ------------------------------------------------------------------------------------------------ generate
+def _finish(new: torch.Tensor, eos: list[int], pad: int | None) -> torch.Tensor:
+    """Cut greedy output as ``generate`` does: rows stop after their EOS (then pad); stop when all have."""
+    if not eos:
+        return new
+    is_eos = torch.isin(new, torch.tensor(eos, device=new.device))
+    done_before = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # strictly after a row's first EOS
+    if pad is None:
+        pad = eos[0]
+    new = new.masked_fill(done_before, pad)
+    finished = is_eos.any(1)
+    if bool(finished.all()):
+        last = int(is_eos.long().argmax(1).max())  # every row's first EOS index; keep up to the latest
+        new = new[:, : last + 1]
+    return new
+
+
+def _eos_ids(model: nn.Module, kwargs: dict) -> list[int]:
+    eos = kwargs.get("eos_token_id", model.generation_config.eos_token_id)
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+@torch.no_grad()
+def fast_generate(model: nn.Module, cache, input_ids: torch.Tensor, max_new_tokens: int | None = None, *,
+                  logits: torch.Tensor | None = None, config: FastConfig | None = None, **generate_kwargs):
+    """Greedy ``generate`` from a (pruned) cache with fixed-shape buffers; same tokens as the dynamic path.
+
+    Like :func:`depthkv.engine.runner.generate_from_cache`: ``input_ids`` is the whole sequence, the cache
+    holds its first ``cache.get_seq_length()`` tokens, the rest are fed one by one. If the cache already covers
+    all of ``input_ids``, pass the last position's ``logits`` (e.g. ``Compressed.logits``). The cache is
+    consumed (its tensors are released after the copy). Returns ``input_ids`` followed by the new tokens.
+    """
+    check_model(model)
+    if max_new_tokens is not None:
+        generate_kwargs["max_new_tokens"] = max_new_tokens
+    n_new = check_greedy(model, generate_kwargs)
+    if input_ids.ndim != 2:
+        raise FastDecodeError(f"input_ids must be [batch, tokens], got {tuple(input_ids.shape)}")
+    done = logical_context(cache)
+    feed = input_ids[:, done:]
+    if feed.shape[1] == 0:
+        if logits is None:
+            raise FastDecodeError("the cache covers all of input_ids: pass the last position's logits")
+        first = logits[:, -1].argmax(-1, keepdim=True).to(input_ids.device)
+        new_first = first
+        feed_dec, n_dec = first, n_new - 1
+    else:
+        new_first = None
+        feed_dec, n_dec = feed, n_new
+    horizon = feed_dec.shape[1] + n_dec - 1 if n_dec > 0 else 0
+    static = StaticPrunedCache(cache, horizon, block=(config or FastConfig()).block)
+    parts = [] if new_first is None else [new_first]
+    if n_dec > 0:
+        dec = FastDecoder(model, static, config)
+        parts.append(dec.run(feed_dec, n_dec).to(input_ids.device))
+    new = torch.cat(parts, dim=1)
+    pad = generate_kwargs.get("pad_token_id", model.generation_config.pad_token_id)
+    new = _finish(new, _eos_ids(model, generate_kwargs), pad)
+    return torch.cat([input_ids, new], dim=1)
+
+
+__all__ = ["FastConfig", "FastDecodeError", "FastDecoder", "StaticPrunedCache", "check_greedy", "check_model",
+           "fast_generate"]

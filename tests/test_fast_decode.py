@@ -1,0 +1,238 @@
+"""Fixed-shape fast decoding (issue 6): same greedy tokens as the dynamic path, per-layer buffers, clear errors.
+
+Tiny random Llama/Qwen2 models in float32 on CPU (the step runs eagerly there; on CUDA the same step is
+replayed as a CUDA graph). ``DEPTHKV_TEST_DEVICE=cuda`` runs the same comparisons on a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import transformers
+
+import depthkv
+from depthkv.allocation import Budgets
+from depthkv.engine import clone_cache, layer_lengths
+from depthkv.engine.runner import generate_from_cache
+from depthkv.engine.static import FastConfig, FastDecodeError, FastDecoder, StaticPrunedCache, fast_generate
+from tests.conftest import ARCHS
+
+DEVICE = os.environ.get("DEPTHKV_TEST_DEVICE", "cpu")
+PROT = dict(n_sink=2, n_recent=4)  # protected window: 6 tokens
+N = 96
+# very uneven vectors: window + 2 next to whole layers, a monotone ramp, everything kept
+BUDGETS = [(96, 7, 50, 23), (8, 96, 8, 96), (96, 8, 8, 8), (12, 24, 48, 96), (96, 96, 96, 96)]
+CONFIGS = [FastConfig(attention="split", block=16), FastConfig(attention="sdpa", block=16),
+           FastConfig(attention="split", block=256)]
+
+
+@pytest.fixture(scope="module")
+def models():
+    from tests.conftest import build_tiny
+
+    built = {}
+
+    def get(arch):
+        if arch not in built:
+            built[arch] = build_tiny(arch).to(DEVICE)
+        return built[arch]
+
+    return get
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(0, 256, (1, N), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+
+
+def compress(model, ids, budgets, scorer="snapkv"):
+    with depthkv.press(model, scorer, budgets=Budgets(budgets, context_len=ids.shape[1]), **PROT) as p:
+        return p.compress(ids)
+
+
+def dynamic_reference(model, comp, ids, n_new):
+    """The dynamic path: first token from the prefill logits, then HF generate over the pruned DynamicCache."""
+    first = comp.logits[:, -1].argmax(-1, keepdim=True)
+    seq = torch.cat([ids, first], dim=1)
+    return generate_from_cache(model, clone_cache(comp.cache), seq, max_new_tokens=n_new - 1, do_sample=False)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("budgets", BUDGETS)
+def test_same_tokens_as_dynamic_path(models, ids, arch, budgets):
+    model = models(arch)
+    comp = compress(model, ids, budgets)
+    assert layer_lengths(comp.cache) == list(budgets)
+    ref = dynamic_reference(model, comp, ids, 16)
+    for cfg in CONFIGS:
+        out = fast_generate(model, clone_cache(comp.cache), ids, 16, logits=comp.logits, config=cfg)
+        assert torch.equal(out, ref), (cfg, out[0, N:].tolist(), ref[0, N:].tolist())
+
+
+def test_pruning_changes_tokens(models, ids):
+    """The comparison above has teeth: these budgets change this model's greedy continuation."""
+    model = models("llama")
+    full = fast_generate(model, compress(model, ids, (96,) * 4).cache, ids, 16,
+                         logits=compress(model, ids, (96,) * 4).logits)
+    changed = 0
+    for budgets in BUDGETS[:-1]:
+        comp = compress(model, ids, budgets)
+        changed += not torch.equal(fast_generate(model, comp.cache, ids, 16, logits=comp.logits), full)
+    assert changed >= 2
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("mode", ["post", "chunked"])
+def test_press_fast_generate_matches_plain_press(models, ids, arch, mode):
+    model = models(arch)
+    n = N - (1 if mode == "chunked" else 0)  # chunked: the last prompt token is fed by the decoder
+    b = Budgets((n, 7, 50, 23), context_len=n)
+    kw = dict(budgets=b, mode=mode, chunk_size=40, **PROT)
+    gen = dict(max_new_tokens=12, do_sample=False, attention_mask=torch.ones_like(ids))
+    with depthkv.press(model, "h2o", **kw):
+        ref = model.generate(ids, **gen)
+    with depthkv.press(model, "h2o", fast=True, **kw) as p:
+        out = model.generate(ids, **gen)
+    assert torch.equal(out, ref)
+    assert p.budgets.tokens == b.tokens
+    assert "generate" not in vars(model)  # the wrapper is gone after the block
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_answer_feeds_question_tokens(models, ids, arch):
+    """Query-agnostic path: question tokens not in the cache are fed one by one through the fixed-shape step."""
+    model = models(arch)
+    question = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    kw = dict(budgets=Budgets((8, 96, 30, 12), context_len=N), **PROT)
+    with depthkv.press(model, "snapkv", **kw) as p:
+        comp = p.compress(ids)
+        ref = p.answer(comp, question, max_new_tokens=10, do_sample=False)
+    with depthkv.press(model, "snapkv", fast=FastConfig(block=16), **kw) as p:
+        out = p.answer(comp, question, max_new_tokens=10, do_sample=False)
+    assert torch.equal(out, ref)
+
+
+def test_batch_of_two(models):
+    model = models("qwen2")
+    ids2 = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    kw = dict(ratio=0.6, **PROT)
+    with depthkv.press(model, "snapkv", **kw):
+        ref = model.generate(ids2, max_new_tokens=8, do_sample=False)
+    with depthkv.press(model, "snapkv", fast=True, **kw):
+        out = model.generate(ids2, max_new_tokens=8, do_sample=False)
+    assert torch.equal(out, ref)
+
+
+def test_stops_at_eos_like_generate(models, ids):
+    model = models("llama")
+    comp = compress(model, ids, (96, 7, 50, 23))
+    free = fast_generate(model, clone_cache(comp.cache), ids, 12, logits=comp.logits, eos_token_id=None)
+    eos = int(free[0, N + 4])  # a token the greedy continuation produces
+    ref = dynamic_reference(model, comp, ids, 12)
+    first = comp.logits[:, -1].argmax(-1, keepdim=True)
+    ref = generate_from_cache(model, clone_cache(comp.cache), torch.cat([ids, first], 1), max_new_tokens=11,
+                              do_sample=False, eos_token_id=eos)
+    out = fast_generate(model, clone_cache(comp.cache), ids, 12, logits=comp.logits, eos_token_id=eos)
+    assert torch.equal(out, ref) and out.shape[1] < N + 12 and int(out[0, -1]) == eos
+
+
+# ---------------------------------------------------------------------------------------------- buffers
+@pytest.mark.parametrize("budgets", [(96, 7, 50, 23), (8, 96, 8, 96)])
+def test_buffers_are_sized_per_layer(models, ids, budgets):
+    model = models("llama")
+    comp = compress(model, ids, budgets)
+    horizon = 20
+    static = StaticPrunedCache(comp.cache, horizon, block=16)
+    assert static.lengths == list(budgets) and static.logical_len == N
+    for layer_k, layer_v, b, mask in zip(static.keys, static.values, budgets, static.masks):
+        assert layer_k.shape == layer_v.shape == (1, 2, b + horizon, 16)
+        assert mask.numel() - (b + horizon) < 16  # storage rounded up to the block, no more
+        assert int((mask == 0).sum()) == b  # only the kept context is visible before decoding
+    # the dynamic cache was consumed: its memory is released
+    assert all(x.keys.numel() == 0 for x in comp.cache.layers)
+    dec = FastDecoder(model, static, FastConfig(block=16))
+    dec.run(torch.zeros(1, 1, dtype=torch.long, device=DEVICE), 5)
+    for mask, b in zip(static.masks, budgets):
+        assert int((mask == 0).sum()) == b + 5  # one slot opened per step, per layer
+    assert int(static.step) == 5 and int(dec.position) == N + 5
+
+
+def test_horizon_is_enforced(models, ids):
+    model = models("llama")
+    comp = compress(model, ids, (96, 7, 50, 23))
+    dec = FastDecoder(model, StaticPrunedCache(comp.cache, 3, block=16))
+    with pytest.raises(FastDecodeError, match="buffers hold 3"):
+        dec.run(torch.zeros(1, 1, dtype=torch.long, device=DEVICE), 5)
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def test_unsupported_family_is_refused():
+    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=64)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    with pytest.raises(FastDecodeError, match="model families"):
+        fast_generate(model, None, torch.zeros(1, 4, dtype=torch.long), 4)
+
+
+def test_unsupported_activation_is_refused(models):
+    model = models("llama")
+    model.config.hidden_act = "gelu"
+    try:
+        with pytest.raises(FastDecodeError, match="SiLU"):
+            depthkv.press(model, "snapkv", ratio=0.5, fast=True)
+    finally:
+        model.config.hidden_act = "silu"
+
+
+@pytest.mark.parametrize("bad", [dict(do_sample=True), dict(num_beams=2), dict(min_new_tokens=3),
+                                 dict(repetition_penalty=1.3)])
+def test_options_that_change_greedy_decoding_are_refused(models, ids, bad):
+    model = models("llama")
+    with depthkv.press(model, "snapkv", ratio=0.5, fast=True, **PROT):
+        with pytest.raises(FastDecodeError):
+            model.generate(ids, max_new_tokens=4, **bad)
+
+
+def test_generation_config_penalty_is_refused(models, ids):
+    model = models("qwen2")
+    model.generation_config.repetition_penalty = 1.2
+    try:
+        with depthkv.press(model, "snapkv", ratio=0.5, fast=True, **PROT):
+            with pytest.raises(FastDecodeError, match="repetition_penalty"):
+                model.generate(ids, max_new_tokens=4, do_sample=False)
+    finally:
+        model.generation_config.repetition_penalty = 1.0
+
+
+def test_padded_batch_is_refused(models):
+    model = models("llama")
+    ids2 = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    mask = torch.ones_like(ids2)
+    mask[1, :5] = 0
+    with depthkv.press(model, "snapkv", ratio=0.5, fast=True, **PROT):
+        with pytest.raises(FastDecodeError, match="padded"):
+            model.generate(ids2, attention_mask=mask, max_new_tokens=4, do_sample=False)
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(FastDecodeError):
+        FastConfig(attention="flash")
+    if DEVICE == "cpu":
+        with pytest.raises(FastDecodeError, match="CUDA"):
+            from tests.conftest import build_tiny
+
+            model = build_tiny("llama")
+            ids = torch.randint(0, 256, (1, 32))
+            comp = compress(model, ids, (32, 8, 8, 8))
+            FastDecoder(model, StaticPrunedCache(comp.cache, 4), FastConfig(compile=True))
+
+
+def test_cli_fast_with_sampling_is_refused(tmp_path, capsys):
+    from depthkv.cli import main
+
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("hello " * 40)
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--fast", "--sample", "--prompt-file", str(prompt)])
+    assert "greedily" in str(exc.value)
