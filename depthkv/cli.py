@@ -183,6 +183,8 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--permutations", type=int, default=10_000)
     p.add_argument("--no-proxy", action="store_true", help="skip the paper's proxy metrics")
     p.add_argument("--infonce-tau", type=float, default=0.1, help="InfoNCE temperature (proxy metrics)")
+    p.add_argument("--probe-batch", type=int, default=8,
+                   help="single-layer probes per batched forward (memory vs speed; results are the same)")
     p.add_argument("--plots", type=Path, default=None, help="folder for the sensitivity plot (PNG)")
     p.add_argument("--out", type=Path, required=True, help="profile JSON to write")
 
@@ -202,11 +204,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: probe ratios must be increasing values in (0, 1], got {probes}")
     if args.samples < 2:
         raise SystemExit("error: --samples must be >= 2 (statistics need more than one sample)")
+    if args.probe_batch < 1:
+        raise SystemExit(f"error: --probe-batch must be >= 1, got {args.probe_batch}")
     get_scorer(args.scorer)
     cfg = CalibrationConfig(scorer=args.scorer, probe_ratios=probes, samples=args.samples,
                             context_tokens=args.context_tokens, data=args.data, seed=args.seed,
                             n_sink=args.n_sink, n_recent=args.n_recent, n_perm=args.permutations,
-                            proxy=not args.no_proxy, proxy_tau=args.infonce_tau)
+                            proxy=not args.no_proxy, proxy_tau=args.infonce_tau, probe_batch=args.probe_batch)
     lm = load(args)
     profile = calibrate(lm, cfg)
     profile.save(args.out)

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from depthkv.calibration.ablation import CalibrationItem, measure_sensitivity, probe_budget
+from depthkv.calibration.ablation import CalibrationItem, measure_sensitivity, probe_budget, shared_cache
 from depthkv.calibration.profile import KIND, SCHEMA_VERSION, Profile, ProfileError
 from depthkv.engine import Protection
+from depthkv.engine.runner import forward_with_cache, score_prefill
+from depthkv.engine.session import Session, prune_layer
 from depthkv.models.identity import model_identity
 from depthkv.scorers import get_scorer
 
@@ -37,6 +39,38 @@ def test_ablation_shapes_determinism_and_zero_pruning(tiny_models):
     assert probe_budget(1.0, 79, PROT) == 6
     assert a.kl[:, :, 2].max() > 1e-3
     assert (a.kl >= -1e-6).all()  # KL is non-negative
+
+
+def _evicted_probe(model, item, scorer, layer_idx, budget):
+    """Reference: physically prune layer ``layer_idx`` alone, then run the whole model on the forced tokens."""
+    prefix = item.prompt_ids[:, :-1]
+    forced = torch.cat([item.prompt_ids[:, -1:], item.answer_ids[:, :-1]], 1)
+    sp = score_prefill(model, prefix, [scorer], PROT)
+    cache = shared_cache(sp.cache)
+    cache.layers[layer_idx] = prune_layer(sp.cache.layers[layer_idx], sp.scores[scorer.name][layer_idx],
+                                          budget, PROT)[0]
+    with Session(model):
+        logits = forward_with_cache(model, forced, cache, logits_to_keep=forced.shape[1])
+    ref = forward_with_cache(model, forced, shared_cache(sp.cache), logits_to_keep=forced.shape[1])
+    logp, ref_logp = logits.float().log_softmax(-1), ref.float().log_softmax(-1)
+    return (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean().item()
+
+
+@pytest.mark.parametrize("family,attn", [("llama", "sdpa"), ("qwen2", "eager")])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_batched_masked_probes_equal_physical_eviction(tiny_models, family, attn, batch):
+    """Masked, batched probes starting at the ablated layer give the KL of really evicting the tokens."""
+    model = tiny_models(family, attn)
+    items = _items(2)
+    ratios = (0.3, 0.7, 1.0)
+    res = measure_sensitivity(model, items, get_scorer("snapkv"), ratios, PROT, batch=batch)
+    n = items[0].prompt_ids.shape[1] - 1
+    for s, item in enumerate(items):
+        for layer_idx in range(res.kl.shape[1]):
+            for r_idx, ratio in enumerate(ratios):
+                want = _evicted_probe(model, item, get_scorer("snapkv"), layer_idx, probe_budget(ratio, n, PROT))
+                assert res.kl[s, layer_idx, r_idx] == pytest.approx(want, rel=1e-3, abs=1e-6)
+    assert res.kl[:, :, -1].max() > 1e-3  # the comparison is not between zeros
 
 
 def test_probe_ratios_are_validated(tiny_models):

@@ -4,7 +4,8 @@ Design brief, "Calibration": per sample, one prefill (with every scorer's token 
 ``score_prefill``); for each layer l and probe ratio r, layer l alone is pruned to r by top-k + gather on
 those scores and the answer tokens are teacher-forced through the model. Degradation is the increase of the
 answer's mean NLL and the mean KL(full || pruned) of the next-token distributions, compared with the full
-cache. No generation, no second prefill: cost is one prefill plus L x R short forwards per sample.
+cache. No generation, no second prefill: cost is one prefill plus L x R short forwards per sample, run ``batch`` probes at a time
+and starting at the ablated layer (see ``measure_sensitivity``).
 
 The prefill stops one token before the end of the prompt, so that the *first* answer token is already
 predicted through the pruned cache (the prefill's own logits are computed before any pruning).
@@ -14,15 +15,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from depthkv.engine.runner import ScoredPrefill, forward_with_cache, score_prefill
-from depthkv.engine.session import Protection, Session, prune_layer
+from depthkv.engine.runner import ScoredPrefill, cache_kwarg, forward_with_cache, score_prefill
+from depthkv.engine.session import Plan, Protection, Session, prune_layer
 from depthkv.scorers import Scorer
 
 WINDOW_ONLY = 1.0  # probe ratio meaning "only the protected sinks + recent window left"
@@ -49,21 +52,65 @@ class AblationResult:
     seconds: float
 
 
-def _shared_layer(layer) -> DynamicLayer:
-    """A fresh layer object over the same (unmodified) tensors: appends create new tensors, never write back."""
+def _shared_layer(layer, batch: int = 1) -> DynamicLayer:
+    """A fresh layer over the same tensors (broadcast to ``batch`` rows): appends make new tensors."""
     new = DynamicLayer()
-    new.lazy_initialization(layer.keys, layer.values)
-    new.keys, new.values = layer.keys, layer.values
+    keys, values = layer.keys.expand(batch, -1, -1, -1), layer.values.expand(batch, -1, -1, -1)
+    new.lazy_initialization(keys, values)
+    new.keys, new.values = keys, values
     return new
 
 
-def single_layer_cache(sp: ScoredPrefill, scorer: str, layer_idx: int, budget: int) -> DynamicCache:
-    """Full cache everywhere except ``layer_idx``, which keeps ``budget`` tokens (by ``scorer``)."""
-    cache = DynamicCache()
-    cache.layers = [_shared_layer(layer) for layer in sp.cache.layers]
-    cache.layers[layer_idx] = prune_layer(sp.cache.layers[layer_idx], sp.scores[scorer][layer_idx], budget,
-                                          sp.protection)[0]
-    return cache
+def shared_cache(cache: DynamicCache, batch: int = 1) -> DynamicCache:
+    """A cache that reads ``cache``'s tensors without ever writing to them."""
+    out = DynamicCache()
+    out.layers = [_shared_layer(layer, batch) for layer in cache.layers]
+    return out
+
+
+def probe_keep_mask(sp: ScoredPrefill, scorer: str, layer_idx: int, budget: int) -> torch.Tensor:
+    """[KVH, N] bool: the context tokens layer ``layer_idx`` keeps at ``budget`` (same choice as eviction)."""
+    layer = sp.cache.layers[layer_idx]
+    keep = prune_layer(layer, sp.scores[scorer][layer_idx], budget, sp.protection)[1][0]  # [KVH, budget]
+    mask = torch.zeros(keep.shape[0], layer.keys.shape[-2], dtype=torch.bool, device=keep.device)
+    return mask.scatter_(-1, keep, True)
+
+
+@contextmanager
+def layers_from(model: nn.Module, start: int):
+    """Run only decoder layers ``start..L-1``; the caller feeds the hidden state that enters layer ``start``.
+
+    A probe that prunes layer l leaves the forced tokens' states below l untouched, so they are taken from
+    the reference pass instead of being recomputed (halves the cost on average). Models that mix attention
+    types per layer (sliding windows) index masks by position in the loop, so they always run all layers.
+    """
+    inner = model.model
+    layers = inner.layers
+    types = set(getattr(model.config, "layer_types", None) or ["full_attention"])
+    if start == 0 or len(types) > 1:
+        yield 0
+        return
+    inner.layers = nn.ModuleList(list(layers)[start:])
+    try:
+        yield start
+    finally:
+        inner.layers = layers
+
+
+def _layer_inputs(model: nn.Module, forced: torch.Tensor, cache: DynamicCache):
+    """Reference forward of the forced tokens: (logits, hidden state entering every decoder layer)."""
+    inputs: list[torch.Tensor] = []
+
+    def grab(module, args, kwargs):
+        inputs.append(args[0] if args else kwargs["hidden_states"])
+
+    handles = [layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in model.model.layers]
+    try:
+        logits = forward_with_cache(model, forced, cache, logits_to_keep=forced.shape[1])
+    finally:
+        for h in handles:
+            h.remove()
+    return logits, inputs
 
 
 def probe_budget(ratio: float, context_len: int, protection: Protection) -> int:
@@ -75,9 +122,9 @@ def probe_budget(ratio: float, context_len: int, protection: Protection) -> int:
 
 
 def _answer_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean NLL of targets, log-probs) for logits [1, T, V] predicting targets [1, T]."""
+    """(mean NLL of targets per row [B], log-probs) for logits [B, T, V] predicting targets [1, T]."""
     logp = F.log_softmax(logits.float(), dim=-1)
-    nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).mean()
+    nll = -logp.gather(-1, targets.expand(logp.shape[0], -1).unsqueeze(-1)).squeeze(-1).mean(-1)
     return nll, logp
 
 
@@ -89,11 +136,20 @@ def measure_sensitivity(
     probe_ratios: Sequence[float],
     protection: Protection,
     progress: Callable[[int, int], None] | None = None,
+    batch: int = 8,
 ) -> AblationResult:
-    """Single-layer ablation degradations for every item, layer and probe ratio."""
+    """Single-layer ablation degradations for every item, layer and probe ratio.
+
+    ``batch`` probes run in one forward: each row of the batch hides, in its one ablated layer, the tokens
+    that eviction would drop (a mask over the shared full cache; the logits equal those of the physically
+    pruned cache, tested in tests/test_calibration.py). On a CPU the weights are then read once per
+    ``batch`` probes instead of once per probe.
+    """
     ratios = tuple(float(r) for r in probe_ratios)
     if not ratios or any(not 0.0 < r <= 1.0 for r in ratios):
         raise ValueError(f"probe ratios must lie in (0, 1] (1 = protected window only), got {ratios}")
+    if batch < 1:
+        raise ValueError(f"probe batch must be >= 1, got {batch}")
     n_layers = len(getattr(model.model, "layers", []))
     s_count = len(items)
     nll_delta = np.zeros((s_count, n_layers, len(ratios)))
@@ -101,28 +157,40 @@ def measure_sensitivity(
     full_nll = np.zeros(s_count)
     lens = []
     t0 = time.perf_counter()
-    total, done = s_count * n_layers * len(ratios), 0
+    probes = [(layer_idx, r_idx) for layer_idx in range(n_layers) for r_idx in range(len(ratios))]
+    total, done = s_count * len(probes), 0
     for s, item in enumerate(items):
         prefix, forced = item.prompt_ids[:, :-1], torch.cat([item.prompt_ids[:, -1:], item.answer_ids[:, :-1]], 1)
         targets = item.answer_ids
         sp = score_prefill(model, prefix, [scorer], protection)
         n = prefix.shape[1]
         lens.append(n)
-        ref_cache = DynamicCache()
-        ref_cache.layers = [_shared_layer(layer) for layer in sp.cache.layers]
-        ref_logits = forward_with_cache(model, forced, ref_cache, logits_to_keep=forced.shape[1])
+        ref_logits, hidden_in = _layer_inputs(model, forced, shared_cache(sp.cache))
         ref_nll, ref_logp = _answer_stats(ref_logits, targets)
         full_nll[s] = ref_nll.item()
-        with Session(model):  # mask alignment for the pruned layer
-            for layer_idx in range(n_layers):
-                for r_idx, ratio in enumerate(ratios):
-                    cache = single_layer_cache(sp, scorer.name, layer_idx, probe_budget(ratio, n, protection))
-                    logits = forward_with_cache(model, forced, cache, logits_to_keep=forced.shape[1])
-                    nll, logp = _answer_stats(logits, targets)
-                    nll_delta[s, layer_idx, r_idx] = (nll - ref_nll).item()
-                    kl[s, layer_idx, r_idx] = (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean().item()
-                    done += 1
-                    if progress is not None:
-                        progress(done, total)
+        budgets = [probe_budget(r, n, protection) for r in ratios]
+        with Session(model) as session:
+            for lo in range(0, len(probes), batch):
+                chunk = probes[lo : lo + batch]
+                rows = len(chunk)
+                masks: dict[int, torch.Tensor] = {}
+                for row, (layer_idx, r_idx) in enumerate(chunk):
+                    if layer_idx not in masks:
+                        kvh = sp.cache.layers[layer_idx].keys.shape[1]
+                        masks[layer_idx] = torch.ones(rows, kvh, n, dtype=torch.bool, device=prefix.device)
+                    masks[layer_idx][row] = probe_keep_mask(sp, scorer.name, layer_idx, budgets[r_idx])
+                session.set_plan(Plan(kind="ablate", key_masks=masks))
+                with layers_from(model, chunk[0][0]) as start:
+                    embeds = hidden_in[start].expand(rows, -1, -1)
+                    out = model(inputs_embeds=embeds, use_cache=True, logits_to_keep=forced.shape[1],
+                                **{cache_kwarg(model): shared_cache(sp.cache, rows)})
+                nll, logp = _answer_stats(out.logits, targets)
+                kls = (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean(-1)
+                for row, (layer_idx, r_idx) in enumerate(chunk):
+                    nll_delta[s, layer_idx, r_idx] = (nll[row] - ref_nll[0]).item()
+                    kl[s, layer_idx, r_idx] = kls[row].item()
+                done += rows
+                if progress is not None:
+                    progress(done, total)
         del sp
     return AblationResult(ratios, nll_delta, kl, full_nll, lens, time.perf_counter() - t0)

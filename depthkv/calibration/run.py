@@ -40,6 +40,7 @@ class CalibrationConfig:
     proxy: bool = True
     proxy_tau: float = 0.1
     max_answer_tokens: int = 32
+    probe_batch: int = 8  # probes per batched forward (speed only; results equal up to float rounding)
     scorer_options: dict = field(default_factory=dict)
 
 
@@ -107,7 +108,8 @@ def calibrate(lm, cfg: CalibrationConfig, *, progress: bool = True) -> Profile:
         bar.n = done
         bar.refresh()
 
-    res = measure_sensitivity(model, items, scorer, cfg.probe_ratios, protection, progress=tick)
+    res = measure_sensitivity(model, items, scorer, cfg.probe_ratios, protection, progress=tick,
+                              batch=cfg.probe_batch)
     bar.close()
     perm: dict = {}
     for metric, arr in (("kl", res.kl), ("nll", res.nll_delta)):

@@ -64,6 +64,25 @@ def align_mask(mask: torch.Tensor | None, layer, n_keys: int, n_query_heads: int
     return torch.cat([gathered, tail.expand(b, n_query_heads, q, tail.shape[-1])], dim=-1)
 
 
+def restrict_keys(mask: torch.Tensor | None, visible: torch.Tensor, n_query_heads: int, n_query: int,
+                  n_keys: int) -> torch.Tensor:
+    """``mask`` [B, 1|H, Q, K] further limited to the keys ``visible`` [B, KVH, N] among the first N.
+
+    Used by calibration probes (masking instead of eviction, see ``depthkv.calibration.ablation``); a
+    ``None`` mask (SDPA's implicit causal case) is materialised as the causal mask of the last Q queries.
+    """
+    b, kvh, n = visible.shape
+    if mask is None:
+        q_pos = torch.arange(n_keys - n_query, n_keys, device=visible.device)[:, None]
+        mask = (torch.arange(n_keys, device=visible.device)[None, :] <= q_pos)[None, None]
+    vis = visible.repeat_interleave(n_query_heads // kvh, dim=1)[:, :, None, :]  # [B, H, 1, N]
+    tail = torch.ones((b, n_query_heads, 1, n_keys - n), dtype=torch.bool, device=visible.device)
+    vis = torch.cat([vis, tail], dim=-1)
+    if mask.dtype == torch.bool:
+        return mask & vis
+    return mask.masked_fill(~vis, torch.finfo(mask.dtype).min)
+
+
 def _make(base: str):
     def attention(module, query, key, value, attention_mask, **kwargs):
         session = getattr(module, "_depthkv_session", None)

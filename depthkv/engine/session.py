@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from depthkv.allocation.budgets import BudgetError, Budgets
-from depthkv.engine.attention import align_mask, register, wrapped_name
+from depthkv.engine.attention import align_mask, register, restrict_keys, wrapped_name
 from depthkv.engine.cache import PrunedLayer, gather_tokens, kv_bytes, layer_positions
 from depthkv.scorers import ScoreInputs, Scorer
 
@@ -80,11 +80,14 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
 class Plan:
     """What the session does in the forwards to come."""
 
-    kind: str = "off"  # off | post | chunked | score
+    kind: str = "off"  # off | post | chunked | score | ablate
     scorers: Sequence[Scorer] = ()
     policy: BudgetPolicy | None = None
     protection: Protection = field(default_factory=Protection)
     context_len: int | None = None  # chunked: the full context length the budgets refer to
+    # ablate: layer -> [B, KVH, N] bool, the context keys each batch row may see in that layer (masking, no
+    # eviction: lets one batched forward hold probes that prune different layers by different amounts)
+    key_masks: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 class Session:
@@ -150,6 +153,8 @@ class Session:
         idx = module.layer_idx
         layer = self._layer(idx)
         mask = align_mask(mask, layer, key.shape[-2], query.shape[1])
+        if self.plan.kind == "ablate" and idx in self.plan.key_masks:
+            mask = restrict_keys(mask, self.plan.key_masks[idx], query.shape[1], query.shape[-2], key.shape[-2])
         if self._wants_scores(layer, query.shape[-2]):
             x = ScoreInputs(query, key, value, layer_positions(layer), module.scaling, idx)
             for scorer in self.plan.scorers:
