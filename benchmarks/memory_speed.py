@@ -3,12 +3,22 @@
 Runs on CPU (real models by alias) or on a GPU (a random-initialised model built from a real config, e.g. the
 Llama-3.1-8B shape, since real 8B weights cannot travel here). For every context length and configuration:
 prefill (one-shot + post-prefill pruning, or chunked prefill with pruning after each chunk), then greedy
-decoding of ``--decode`` tokens with plain HF ``generate``. Peak memory is the device's
-``max_memory_allocated`` on GPU, the process's peak RSS growth on CPU (each configuration in a fresh
-subprocess there).
+decoding of ``--decode`` tokens with plain HF ``generate`` (``--decode 0``: no decoding). Peak memory is the
+device's ``max_memory_allocated`` on GPU. On CPU each configuration runs in a fresh subprocess: load the model,
+warm up, reset the kernel's peak-RSS mark (``/proc/self/clear_refs`` = 5, so the load's own peak does not hide
+the prefill's), prefill + prune, then read ``VmHWM`` (peak resident set) from ``/proc/self/status``.
+tracemalloc would not do: it sees only Python's allocator, not torch's tensor memory.
+
+Methods: ``full``; ``uniform`` / ``pyramid`` (allocators that need no profile); ``depthkv``: the allocator
+``--strategy`` (default ``optimal``) over the curves of the calibration profile ``--profile``. When the profile
+was made for another layer count (the random Llama-3.1-8B shape has 32 layers, the committed SmolLM2 profile
+30), each probe ratio's per-layer degradation is linearly interpolated over relative depth: a stand-in for an
+uneven DepthKV allocation, not a calibration of that model.
 
     python benchmarks/memory_speed.py --model random:llama-3.1-8b --device cuda --contexts 8192,32768,131072 \
         --ratios 0.6,0.8 --out benchmarks/results/memory_speed_h200.json
+    OMP_NUM_THREADS=1 python benchmarks/memory_speed.py --model smollm2-135m --contexts 2048,4096 \
+        --methods uniform,depthkv --decode 0 --out benchmarks/results/memory_cpu.json
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -24,12 +35,18 @@ import time
 from datetime import date
 from pathlib import Path
 
+DEFAULT_PROFILE = Path(__file__).resolve().parent.parent / "docs" / "results" / "profile_smollm2-135m.json"
+MIN_TOKENS = 20  # per-layer floor: depthkv's protected window (4 sinks + 16 recent)
+
 SHAPES = {  # architecture fields of public configs (no weights): random-initialised stand-ins
     "llama-3.1-8b": dict(arch="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                          num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                          max_position_embeddings=131072, rope_theta=500000.0,
                          rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    # smoke tests of this script (the 8B shape's layer and head counts, tiny widths)
+    "tiny-32l": dict(arch="llama", hidden_size=256, intermediate_size=512, num_hidden_layers=32,
+                     num_attention_heads=8, num_key_value_heads=2, vocab_size=1000, max_position_embeddings=8192),
 }
 
 
@@ -75,18 +92,75 @@ def copy_bandwidth(device: str, gib: float = 4.0, repeats: int = 10) -> float:
     return rate
 
 
-def budgets_for(method: str, n_layers: int, n: int, ratio: float):
+def _status_mb(field: str) -> float | None:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) of this process; False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def depthkv_view(profile_path: str | Path, n_layers: int):
+    """(SensitivityView for ``n_layers`` layers, how it was made) from a calibration profile."""
+    import numpy as np
+
+    from depthkv.allocation import SensitivityView
+    from depthkv.calibration.profile import Profile
+
+    prof = Profile.load(profile_path)
+    view = prof.view()
+    name = prof.data["model"].get("name")
+    if prof.n_layers == n_layers:
+        return view, f"profile {Path(profile_path).name} ({name}, {n_layers} layers) as measured"
+    d = view.require("degradation", "depthkv")
+    src = np.linspace(0.0, 1.0, prof.n_layers)
+    dst = np.linspace(0.0, 1.0, n_layers)
+    d2 = np.stack([np.interp(dst, src, d[:, j]) for j in range(d.shape[1])], axis=1)
+    note = (f"profile {Path(profile_path).name} ({name}, {prof.n_layers} layers): each probe ratio's per-layer "
+            f"degradation linearly interpolated over relative depth to {n_layers} layers (stand-in)")
+    return SensitivityView(view.probe_ratios, d2), note
+
+
+def budgets_for(method: str, n_layers: int, n: int, ratio: float, view=None, strategy: str = "optimal"):
     from depthkv.allocation import allocate
 
     if method == "full":
         return None
-    # "depthkv" here: the pyramid-free stand-in needs no profile; real profiles only exist for the real models
-    strategy = {"uniform": "uniform", "pyramid": "pyramid"}[method]
-    return allocate(strategy, n_layers, n, ratio, min_tokens=20)
+    if method == "depthkv":
+        return allocate(strategy, n_layers, n, ratio, sensitivity=view, min_tokens=MIN_TOKENS)
+    return allocate({"uniform": "uniform", "pyramid": "pyramid"}[method], n_layers, n, ratio, min_tokens=MIN_TOKENS)
+
+
+def warm_up(model, device: str, scorer: str, n: int = 512) -> None:
+    """Kernels, allocator pools and the scorer's code paths, before anything is measured."""
+    import torch
+
+    import depthkv
+    from depthkv.engine.runner import forward_with_cache, new_cache
+
+    ids = torch.randint(0, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(1)).to(device)
+    forward_with_cache(model, ids, new_cache(model))
+    for kw in ({}, dict(mode="chunked", chunk_size=n // 2)):
+        with depthkv.press(model, scorer, ratio=0.5, **kw) as p:
+            p.compress(ids)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def measure(model, device: str, n: int, method: str, mode: str, ratio: float, chunk: int, decode: int,
-            scorer: str = "snapkv") -> dict:
+            scorer: str = "snapkv", view=None, strategy: str = "optimal") -> dict:
     import torch
 
     import depthkv
@@ -103,15 +177,17 @@ def measure(model, device: str, n: int, method: str, mode: str, ratio: float, ch
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_reset = False if cuda else reset_peak_rss()
+    rss0 = _status_mb("VmRSS")
     peak_kv = [0]
+    b = None
     sync()
     t0 = time.perf_counter()
     if method == "full":
         cache = new_cache(model)
         forward_with_cache(model, prefix, cache)
     else:
-        b = budgets_for(method, n_layers, n, ratio)
+        b = budgets_for(method, n_layers, n, ratio, view, strategy)
         kw = dict(mode="chunked", chunk_size=chunk) if mode == "chunked" else {}
         with depthkv.press(model, scorer, budgets=b, **kw) as p:
             cache = p.compress(prefix).cache
@@ -120,6 +196,32 @@ def measure(model, device: str, n: int, method: str, mode: str, ratio: float, ch
     prefill_s = time.perf_counter() - t0
     kept = kv_bytes(cache)
     prefill_peak = (torch.cuda.max_memory_allocated() - base) if cuda else None
+    rss_peak, rss_after = (None, None) if cuda else (_status_mb("VmHWM"), _status_mb("VmRSS"))
+    row = {
+        "context": n, "method": method, "mode": mode if method != "full" else "full",
+        "ratio": ratio if method != "full" else 0.0,
+        "kv_bytes_full": full_kv_bytes(model, n), "kv_bytes_kept": kept,
+        # largest KV footprint during the prefill (post mode prunes each layer right after its attention, so
+        # even there the full cache of all layers never coexists)
+        "kv_bytes_peak_prefill": max(peak_kv[0], kept) if method != "full" else kept,
+        "prefill_s": round(prefill_s, 3), "scorer": scorer if method != "full" else None,
+        "strategy": (strategy if method == "depthkv" else method) if method != "full" else None,
+        "budgets": list(b.tokens) if b is not None else None,
+    }
+    if cuda:
+        row["device_peak_prefill_bytes"] = int(prefill_peak)
+    else:
+        # peak resident set during the prefill (mark reset after load + warm-up), its growth over the resident
+        # set just before the prefill, and the resident set after it with the (pruned) cache still alive
+        row.update(rss_before_mb=round(rss0, 1), rss_peak_mb=round(rss_peak, 1),
+                   rss_growth_mb=round(rss_peak - rss0, 1) if rss_reset else None,
+                   rss_after_mb=round(rss_after, 1), rss_peak_reset=rss_reset,
+                   rss_lifetime_peak_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+    if decode <= 0:
+        if cuda:
+            row["device_peak_total_bytes"] = int(torch.cuda.max_memory_allocated())
+        del cache
+        return row
     # decode: plain HF generate from the (pruned) cache, greedy, fixed token count; timed twice on copies of
     # the cache, the second time after releasing the allocator's cached blocks (to see allocator effects)
     spare = clone_cache(cache) if cuda else None
@@ -140,25 +242,37 @@ def measure(model, device: str, n: int, method: str, mode: str, ratio: float, ch
         sync()
         second = round(1000 * (time.perf_counter() - t2) / max(1, steps), 2)
         cache = spare
-    row = {
-        "context": n, "method": method, "mode": mode if method != "full" else "full", "ratio": ratio if method != "full" else 0.0,
-        "kv_bytes_full": full_kv_bytes(model, n), "kv_bytes_kept": kept,
-        # largest KV footprint during the prefill (post mode prunes each layer right after its attention, so
-        # even there the full cache of all layers never coexists)
-        "kv_bytes_peak_prefill": max(peak_kv[0], kept) if method != "full" else kept,
-        "prefill_s": round(prefill_s, 3), "decode_tokens": steps,
+    row.update({
+        "decode_tokens": steps,
         # the first generated token comes from feeding the last prompt token: every step is a 1-token forward
         "decode_ms_per_step": round(1000 * decode_s / max(1, steps), 2),
         "decode_tok_per_s": round(steps / decode_s, 2),
-        "decode_ms_per_step_after_empty_cache": second, "scorer": scorer if method != "full" else None,
-    }
+        "decode_ms_per_step_after_empty_cache": second,
+    })
     if cuda:
-        row["device_peak_prefill_bytes"] = int(prefill_peak)
         row["device_peak_total_bytes"] = int(torch.cuda.max_memory_allocated())
-    else:
-        row["rss_growth_mb"] = round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024, 1)
     del cache, out
     return row
+
+
+def _cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def make_plan(contexts: str, ratios: str, methods: str, modes: str, skip: str = "") -> list[tuple]:
+    """(context, method, mode, ratio) per configuration; ``skip``: ``method:ratio[:mode]`` items left out."""
+    drop = {tuple(x.split(":")) for x in skip.split(",") if x}
+    plan = []
+    for n in (int(x) for x in contexts.split(",")):
+        plan.append((n, "full", "full", 0.0))
+        for r in (float(x) for x in ratios.split(",")):
+            for method in methods.split(","):
+                for mode in modes.split(","):
+                    if (method, f"{r:g}") in drop or (method, f"{r:g}", mode) in drop:
+                        continue
+                    plan.append((n, method, mode, r))
+    return plan
 
 
 def main() -> None:
@@ -168,39 +282,74 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--contexts", default="2048,4096")
     ap.add_argument("--ratios", default="0.4,0.6,0.8")
-    ap.add_argument("--methods", default="uniform,pyramid")
+    ap.add_argument("--methods", default="uniform,pyramid", help="uniform, pyramid, depthkv (profile-based)")
     ap.add_argument("--modes", default="post,chunked")
+    ap.add_argument("--skip", default="", help="configurations to leave out: method:ratio[:mode],...")
     ap.add_argument("--chunk-size", type=int, default=1024)
-    ap.add_argument("--decode", type=int, default=32)
+    ap.add_argument("--decode", type=int, default=32, help="tokens to decode after the prefill; 0: none")
     ap.add_argument("--scorer", default="snapkv")
+    ap.add_argument("--profile", type=Path, default=DEFAULT_PROFILE, help="calibration profile for --methods depthkv")
+    ap.add_argument("--strategy", default="optimal", help="allocator used by --methods depthkv")
+    ap.add_argument("--append", action="store_true", help="add the rows to those already in --out")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     import torch
 
     dtype = getattr(torch, args.dtype)
-    plan = []
-    for n in (int(x) for x in args.contexts.split(",")):
-        plan.append((n, "full", "full", 0.0))
-        for r in (float(x) for x in args.ratios.split(",")):
-            for method in args.methods.split(","):
-                for mode in args.modes.split(","):
-                    plan.append((n, method, mode, r))
+    plan = make_plan(args.contexts, args.ratios, args.methods, args.modes, args.skip)
+    need_view = "depthkv" in args.methods.split(",")
     if args.one is not None:  # CPU: one configuration per process so that peak RSS is its own
         n, method, mode, r = plan[int(args.one)]
         model = build_model(args.model, args.device, dtype)
-        print(json.dumps(measure(model, args.device, n, method, mode, r, args.chunk_size, args.decode, args.scorer)))
+        view = depthkv_view(args.profile, model.config.num_hidden_layers)[0] if method == "depthkv" else None
+        warm_up(model, args.device, args.scorer)
+        c0, w0 = _cpu_s(), time.perf_counter()
+        row = measure(model, args.device, n, method, mode, r, args.chunk_size, args.decode, args.scorer, view,
+                      args.strategy)
+        row["process_cpu_s"] = round(_cpu_s() - c0, 2)  # CPU time of the measured part (prefill [+ decode])
+        row["process_wall_s"] = round(time.perf_counter() - w0, 2)
+        print(json.dumps(row))
         return
-    rows = []
+    rows, commands = [], []
+    if args.append and args.out.exists():
+        old = json.loads(args.out.read_text())
+        rows = old["rows"]
+        commands = old["meta"].get("commands") or [old["meta"]["command"]]
+    command = "python " + " ".join(sys.argv)
     model = build_model(args.model, args.device, dtype) if args.device != "cpu" else None
     bandwidth = copy_bandwidth(args.device) if args.device.startswith("cuda") else None
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) if model is not None else None
+    view, view_note = (None, None)
+    if need_view:
+        from depthkv.models import load_model
+
+        n_layers = (model.config if model is not None else load_model(args.model).model.config).num_hidden_layers
+        view, view_note = depthkv_view(args.profile, n_layers)
+    if model is not None:
+        warm_up(model, args.device, args.scorer)
+    meta = {"date": date.today().isoformat(), "model": args.model, "device": args.device,
+            "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
+            "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+            "dtype": args.dtype, "command": command, "commands": commands + [command], "scorer": args.scorer,
+            "copy_bandwidth_bytes_per_s": bandwidth, "weight_bytes": weight_bytes,
+            "chunk_size": args.chunk_size, "min_tokens": MIN_TOKENS,
+            "depthkv_budgets": view_note and f"allocator {args.strategy!r} over {view_note}",
+            "threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "cpu_count": os.cpu_count(), "load_average_at_start": list(os.getloadavg()),
+            "data": "random token ids (seeded by context length)"}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     for i, (n, method, mode, r) in enumerate(plan):
         if model is not None:
             try:
-                row = measure(model, args.device, n, method, mode, r, args.chunk_size, args.decode, args.scorer)
+                row = measure(model, args.device, n, method, mode, r, args.chunk_size, args.decode, args.scorer,
+                              view, args.strategy)
             except torch.cuda.OutOfMemoryError as exc:
                 row = {"context": n, "method": method, "mode": mode, "ratio": r, "error": f"OOM: {exc}"[:200]}
+                torch.cuda.empty_cache()
+            except Exception as exc:  # keep the other configurations of a long device run
+                row = {"context": n, "method": method, "mode": mode, "ratio": r, "error": repr(exc)[:300]}
+                gc.collect()
                 torch.cuda.empty_cache()
         else:
             res = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--one", str(i)], capture_output=True,
@@ -210,22 +359,17 @@ def main() -> None:
                 row = {"context": n, "method": method, "mode": mode, "ratio": r, "error": res.stderr[-300:]}
             else:
                 row = json.loads(res.stdout.strip().splitlines()[-1])
-        if bandwidth and "error" not in row:
+                row["load_average_1min"] = round(os.getloadavg()[0], 2)
+        if bandwidth and "error" not in row and "decode_ms_per_step" in row:
             # bytes-read bound of one decode step: every weight and every kept KV byte read once
             bound_ms = 1000 * (weight_bytes + row["kv_bytes_kept"]) / bandwidth
             row["bound_ms"] = round(bound_ms, 2)
             best = row.get("decode_ms_per_step_after_empty_cache") or row["decode_ms_per_step"]
             row["ratio_to_bound"] = round(best / bound_ms, 2)
         rows.append(row)
-        print(json.dumps(row), flush=True)
-    meta = {"date": date.today().isoformat(), "model": args.model, "device": args.device,
-            "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
-            "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-            "dtype": args.dtype, "command": "python " + " ".join(sys.argv), "scorer": args.scorer,
-            "copy_bandwidth_bytes_per_s": bandwidth, "weight_bytes": weight_bytes,
-            "data": "random token ids (seeded by context length)"}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+        print(json.dumps({k: v for k, v in row.items() if k != "budgets"}), flush=True)
+        # after every configuration, so that a run stopped at its time limit keeps what it measured
+        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     print(f"wrote {args.out}")
 
 
