@@ -26,6 +26,8 @@ N = 96
 BUDGETS = [(96, 7, 50, 23), (8, 96, 8, 96), (96, 8, 8, 8), (12, 24, 48, 96), (96, 96, 96, 96)]
 CONFIGS = [FastConfig(attention="split", block=16), FastConfig(attention="sdpa", block=16),
            FastConfig(attention="split", block=256)]
+if DEVICE == "cuda":
+    CONFIGS += [FastConfig(attention="triton"), FastConfig(attention="triton", cuda_graph=False)]
 
 
 @pytest.fixture(scope="module")

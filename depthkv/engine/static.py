@@ -27,7 +27,7 @@ from torch import nn
 from depthkv.engine.cache import PrunedLayer
 
 SUPPORTED = {"llama": "LlamaRMSNorm", "qwen2": "Qwen2RMSNorm"}  # model_type -> the RMSNorm class it must use
-ATTENTIONS = ("split", "sdpa")
+ATTENTIONS = ("auto", "split", "sdpa", "triton")
 
 
 class FastDecodeError(ValueError):
@@ -38,15 +38,18 @@ class FastDecodeError(ValueError):
 class FastConfig:
     """How the fixed-shape decoder runs.
 
-    ``attention``: ``split`` = QK^T with cuBLAS, fp32 softmax, P·V split into ``block``-token chunks (parallel
-    over the cache even for one query token); ``sdpa`` = ``scaled_dot_product_attention`` with the layer's mask.
+    ``attention``: ``triton`` = a split-KV Triton kernel reading each layer's valid prefix once
+    (``depthkv.engine.decode_kernel``, CUDA); ``split`` = QK^T with cuBLAS, fp32 softmax, P·V split into
+    ``block``-token chunks (parallel over the cache even for one query token); ``sdpa`` =
+    ``scaled_dot_product_attention`` with the layer's mask; ``auto`` = ``triton`` on CUDA when Triton is
+    installed, else ``split``.
     ``block``: buffer storage is rounded up to a multiple of it (masked). ``cuda_graph``: capture the step on
     CUDA. ``compile``: ``torch.compile`` the shape-independent per-layer parts (norms, projections, RoPE, MLP)
     to fuse their element-wise kernels (CUDA only; compiled once per model, before the graph capture).
     ``warmup_steps``: real decode steps run eagerly before capturing (cuBLAS/compile warm-up).
     """
 
-    attention: str = "split"
+    attention: str = "auto"
     block: int = 256
     cuda_graph: bool = True
     compile: bool = False
@@ -242,7 +245,7 @@ def out_mlp(h, attn, wo, bo, ln_w, eps, wg, bg, wu, bu, wd, bd):
     return h + F.linear(F.silu(F.linear(x, wg, bg)) * F.linear(x, wu, bu), wd, bd)
 
 
-def attend_split(q, k, v, mask, scale: float, block: int) -> torch.Tensor:
+def attend_split(q, k, v, mask, scale: float, block: int, pos: torch.Tensor) -> torch.Tensor:
     """One query token (grouped ``[B, KVH, G, D]``) over a whole buffer ``[B, KVH, C, D]`` with additive ``mask``.
 
     Scores by one batched matmul, softmax in fp32 (as HF's eager attention), then P·V as ``C / block``
@@ -257,8 +260,27 @@ def attend_split(q, k, v, mask, scale: float, block: int) -> torch.Tensor:
     return o.sum(2, dtype=torch.float32).to(q.dtype)
 
 
-def attend_sdpa(q, k, v, mask, scale: float, block: int) -> torch.Tensor:
+def attend_sdpa(q, k, v, mask, scale: float, block: int, pos: torch.Tensor) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.view(1, 1, 1, -1), scale=scale)
+
+
+def attend_triton(q, k, v, mask, scale: float, block: int, pos: torch.Tensor) -> torch.Tensor:
+    """Split-KV Triton kernel over the valid prefix ``[0, pos]`` (the mask is implied by ``pos``)."""
+    from depthkv.engine.decode_kernel import decode_attention
+
+    c = k.shape[2]
+    chunk = max(128, math.ceil(math.ceil(c / 48) / 64) * 64)  # ~48 splits per KV head: enough blocks for the GPU
+    return decode_attention(q, k, v, pos, scale, chunk=chunk)
+
+
+def resolve_attention(name: str, device: torch.device) -> str:
+    from depthkv.engine import decode_kernel
+
+    if name == "auto":
+        return "triton" if device.type == "cuda" and decode_kernel.available() else "split"
+    if name == "triton" and (device.type != "cuda" or not decode_kernel.available()):
+        raise FastDecodeError("attention='triton' needs CUDA and the triton package")
+    return name
 
 
 # ------------------------------------------------------------------------------------------------ the decoder
@@ -303,7 +325,8 @@ class FastDecoder:
                 raise FastDecodeError("compile=True is for CUDA (CPU runs the plain eager step)")
             self._pre = torch.compile(qkv_rope, fullgraph=True, dynamic=False)
             self._post = torch.compile(out_mlp, fullgraph=True, dynamic=False)
-        self._attend = attend_split if self.config.attention == "split" else attend_sdpa
+        self.attention = resolve_attention(self.config.attention, dev)
+        self._attend = {"split": attend_split, "sdpa": attend_sdpa, "triton": attend_triton}[self.attention]
         self.graph: torch.cuda.CUDAGraph | None = None
         self.steps_done = 0
 
@@ -316,8 +339,9 @@ class FastDecoder:
         pos = c.open_slots()
         for i, (pre, post) in enumerate(self.layers):
             q, k, v = self._pre(h, *pre, cos, sin, self.n_kv, self.head_dim)
-            c.write(i, pos[i:i + 1], k, v)
-            o = self._attend(q, c._kstore[i], c._vstore[i], c.masks[i], self.scale, c.block)
+            p = pos[i:i + 1]
+            c.write(i, p, k, v)
+            o = self._attend(q, c._kstore[i], c._vstore[i], c.masks[i], self.scale, c.block, p)
             h = self._post(h, o, *post)
         logits = self.lm_head(self.norm(h))  # [B, 1, V]
         nxt = logits[:, -1].argmax(-1, keepdim=True)
@@ -326,7 +350,8 @@ class FastDecoder:
         self.position.add_(1)
         c.step.add_(1)
 
-    def _capture(self) -> None:
+    def capture(self) -> None:
+        """Record one step as a CUDA graph (after warm-up steps); later steps replay it."""
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.step()
@@ -353,7 +378,7 @@ class FastDecoder:
     def _one(self) -> None:
         use_graph = self.cuda and self.config.cuda_graph
         if use_graph and self.graph is None and self.steps_done >= self.config.warmup_steps:
-            self._capture()
+            self.capture()
         if self.graph is not None:
             self.graph.replay()
         elif use_graph:  # warm-up steps run eagerly on a side stream, as graph capture requires
