@@ -33,12 +33,11 @@ from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.memory_speed import build_model, copy_bandwidth  # noqa: E402
+from benchmarks.memory_speed import build_model, copy_bandwidth, depthkv_view  # noqa: E402
 from depthkv.allocation import allocate  # noqa: E402
 from depthkv.allocation.sensitivity import SensitivityView  # noqa: E402
 from depthkv.engine.cache import PrunedLayer, clone_cache, kv_bytes  # noqa: E402
@@ -47,18 +46,6 @@ from depthkv.engine.static import FastConfig, FastDecoder, StaticPrunedCache  # 
 
 PROFILE = Path(__file__).resolve().parent.parent / "docs" / "results" / "profile_smollm2-135m.json"
 MIN_TOKENS = 20  # depthkv's protected window (4 sinks + 16 recent)
-
-
-def depthkv_view(n_layers: int) -> SensitivityView:
-    """SmolLM2's measured per-layer KL curves, interpolated over relative depth to ``n_layers`` layers."""
-    from depthkv.calibration.profile import Profile
-
-    prof = Profile.load(PROFILE)
-    curve = np.clip(prof.curve("kl"), 0.0, None)  # [L0, R]
-    src = np.linspace(0.0, 1.0, curve.shape[0])
-    dst = np.linspace(0.0, 1.0, n_layers)
-    out = np.stack([np.interp(dst, src, curve[:, r]) for r in range(curve.shape[1])], axis=1)
-    return SensitivityView(prof.probe_ratios, out)
 
 
 def budget_vector(kind: str, n_layers: int, n: int, ratio: float, view: SensitivityView | None) -> list[int]:
@@ -250,7 +237,7 @@ def main() -> None:
     bandwidth = copy_bandwidth("cuda")
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     embed_bytes = model.model.embed_tokens.weight.numel() * model.model.embed_tokens.weight.element_size()
-    view = depthkv_view(n_layers) if "depthkv" in args.budgets else None
+    view = depthkv_view(PROFILE, n_layers)[0] if "depthkv" in args.budgets else None
     variants = args.variants.split(",")
     breakdown_at = {int(x) for x in args.breakdown.split(",") if x}
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read+write), weights {weight_bytes / 1e9:.2f} GB; "
