@@ -238,3 +238,12 @@ def test_cli_fast_with_sampling_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["generate", "--fast", "--sample", "--prompt-file", str(prompt)])
     assert "greedily" in str(exc.value)
+
+
+def test_cli_fast_compile_needs_fast(tmp_path):
+    from depthkv.cli import main
+
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("hello")
+    with pytest.raises(SystemExit, match="only applies with --fast"):
+        main(["generate", "--fast-compile", "--prompt-file", str(prompt)])
