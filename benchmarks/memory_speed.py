@@ -112,6 +112,30 @@ def reset_peak_rss() -> bool:
     return True
 
 
+def rss_mark() -> tuple[bool, float | None]:
+    """Start of a measured block on CPU: reset the peak-RSS mark, read the resident set (MiB) just before."""
+    return reset_peak_rss(), _status_mb("VmRSS")
+
+
+def rss_fields(mark: tuple[bool, float | None]) -> dict:
+    """End of the block begun by ``rss_mark``: its peak resident set (VmHWM), the growth over the resident set
+    just before it, and the resident set now (with whatever the block left alive)."""
+    rss_reset, rss0 = mark
+    rss_peak, rss_after = _status_mb("VmHWM"), _status_mb("VmRSS")
+    return dict(rss_before_mb=round(rss0, 1), rss_peak_mb=round(rss_peak, 1),
+                rss_growth_mb=round(rss_peak - rss0, 1) if rss_reset else None,
+                rss_after_mb=round(rss_after, 1), rss_peak_reset=rss_reset,
+                rss_lifetime_peak_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+
+
+def random_ids(model, n: int, device: str):
+    """The measured input: ``n`` + 1 random token ids seeded by ``n`` (the prefill takes the first ``n``)."""
+    import torch
+
+    return torch.randint(0, model.config.vocab_size, (1, n + 1),
+                         generator=torch.Generator().manual_seed(n)).to(device)
+
+
 def depthkv_view(profile_path: str | Path, n_layers: int):
     """(SensitivityView for ``n_layers`` layers, how it was made) from a calibration profile."""
     import numpy as np
@@ -169,7 +193,7 @@ def measure(model, device: str, n: int, method: str, mode: str, ratio: float, ch
 
     cuda = device.startswith("cuda")
     n_layers = model.config.num_hidden_layers
-    ids = torch.randint(0, model.config.vocab_size, (1, n + 1), generator=torch.Generator().manual_seed(n)).to(device)
+    ids = random_ids(model, n, device)
     prefix = ids[:, :n]
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     gc.collect()
@@ -177,8 +201,7 @@ def measure(model, device: str, n: int, method: str, mode: str, ratio: float, ch
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    rss_reset = False if cuda else reset_peak_rss()
-    rss0 = _status_mb("VmRSS")
+    mark = None if cuda else rss_mark()
     peak_kv = [0]
     b = None
     sync()
@@ -196,7 +219,7 @@ def measure(model, device: str, n: int, method: str, mode: str, ratio: float, ch
     prefill_s = time.perf_counter() - t0
     kept = kv_bytes(cache)
     prefill_peak = (torch.cuda.max_memory_allocated() - base) if cuda else None
-    rss_peak, rss_after = (None, None) if cuda else (_status_mb("VmHWM"), _status_mb("VmRSS"))
+    rss = None if cuda else rss_fields(mark)
     row = {
         "context": n, "method": method, "mode": mode if method != "full" else "full",
         "ratio": ratio if method != "full" else 0.0,
@@ -213,10 +236,7 @@ def measure(model, device: str, n: int, method: str, mode: str, ratio: float, ch
     else:
         # peak resident set during the prefill (mark reset after load + warm-up), its growth over the resident
         # set just before the prefill, and the resident set after it with the (pruned) cache still alive
-        row.update(rss_before_mb=round(rss0, 1), rss_peak_mb=round(rss_peak, 1),
-                   rss_growth_mb=round(rss_peak - rss0, 1) if rss_reset else None,
-                   rss_after_mb=round(rss_after, 1), rss_peak_reset=rss_reset,
-                   rss_lifetime_peak_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+        row.update(rss)
     if decode <= 0:
         if cuda:
             row["device_peak_total_bytes"] = int(torch.cuda.max_memory_allocated())
