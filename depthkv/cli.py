@@ -360,13 +360,15 @@ def _report_args(p: argparse.ArgumentParser) -> None:
                    help="evaluation folders (several with different profiles give a transfer matrix)")
     p.add_argument("-o", "--out", type=Path, default=Path("report.html"))
     p.add_argument("--no-embed", action="store_true", help="link the PNGs instead of embedding them")
+    p.add_argument("--rows-csv", type=Path, default=None,
+                   help="also write every row of the folders as a small CSV (method, task, sample, score, output)")
 
 
 @command("report", _report_args)
 def cmd_report(args: argparse.Namespace) -> int:
     """HTML report (plots, headline table with CIs, transfer matrix) from evaluation folders."""
     from depthkv.eval.report import build_report
-    from depthkv.eval.results import EvalError
+    from depthkv.eval.results import EvalError, iter_rows, write_rows_csv
 
     try:
         path = build_report(args.folders, args.out, embed=not args.no_embed)
@@ -374,6 +376,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"report written to {path}")
+    if args.rows_csv:
+        rows = [row for _, row in iter_rows(args.folders)]
+        print(f"{len(rows)} rows written to {write_rows_csv(rows, args.rows_csv)}")
     return 0
 
 

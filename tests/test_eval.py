@@ -287,7 +287,10 @@ def test_cli_eval_and_report(tmp_path, lm, monkeypatch, capsys):
     assert cli.main(["eval", "--methods", "uniform,optimal", "--out", str(tmp_path / "x")]) == 2
     assert "--profile" in capsys.readouterr().err
     html_path = tmp_path / "rep" / "report.html"
-    assert cli.main(["report", str(tmp_path / "run"), "-o", str(html_path)]) == 0
+    rows_csv = tmp_path / "rep" / "rows.csv"
+    assert cli.main(["report", str(tmp_path / "run"), "-o", str(html_path), "--rows-csv", str(rows_csv)]) == 0
+    lines = rows_csv.read_text().splitlines()
+    assert lines[0].startswith("method,task,setting") and len(lines) == 1 + 14  # every cell, once
     text = html_path.read_text()
     for m in ("full", "uniform", "pyramid", "mga"):
         assert f">{m}<" in text

@@ -9,6 +9,7 @@ cell.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -181,3 +182,20 @@ def iter_rows(folders: Iterable[str | os.PathLike]) -> Iterator[tuple[Path, dict
     for f in folders:
         for r in load_rows(f):
             yield Path(f), r
+
+
+ROW_CSV_FIELDS = ("method", "task", "setting", "scorer", "ratio", "sample_id", "score", "output")
+
+
+def write_rows_csv(rows: Iterable[dict], path: str | os.PathLike, max_output_chars: int = 120) -> Path:
+    """Every scored row as a small CSV (no budgets or contexts): what a results folder commits beside its plots."""
+    path = Path(path)
+    ordered = sorted(rows, key=lambda r: (r["method"], r["task"], r["setting"], str(r.get("scorer")),
+                                          float(r["ratio"]), r["sample_id"]))
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(ROW_CSV_FIELDS)
+        for r in ordered:
+            w.writerow((r["method"], r["task"], r["setting"], r.get("scorer") or "-", f"{float(r['ratio']):g}",
+                        r["sample_id"], r.get("score"), (r.get("output") or "")[:max_output_chars]))
+    return path

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from depthkv.eval.results import EvalError, load_rows, read_config, row_key, write_json
+from depthkv.eval.results import EvalError, load_rows, read_config, row_key, write_json, write_rows_csv
 from depthkv.eval.summary import BASELINE, summarise
 
 FIELDS = ("calibration", "task", "setting", "scorer", "ratio", "n", "score", "score_low", "score_high",
@@ -307,13 +307,7 @@ def build_transfer(folders: Mapping[str, Path], out: str | Path, *, method: str 
         w.writeheader()
         for c in cells:
             w.writerow({k: "" if c.get(k) is None else c[k] for k in FIELDS})
-    with open(out / "rows.csv", "w", newline="") as fh:  # every scored row used, small (no budgets/contexts)
-        w = csv.writer(fh)
-        w.writerow(("method", "task", "setting", "scorer", "ratio", "sample_id", "score", "output"))
-        for r in sorted(rows, key=lambda r: (r["method"], r["task"], r["setting"], str(r.get("scorer")),
-                                             float(r["ratio"]), r["sample_id"])):
-            w.writerow((r["method"], r["task"], r["setting"], r.get("scorer") or "-", f"{float(r['ratio']):g}",
-                        r["sample_id"], r.get("score"), (r.get("output") or "")[:120]))
+    write_rows_csv(rows, out / "rows.csv")  # every scored row used, small (no budgets/contexts)
     (out / "transfer.md").write_text(markdown(cells, method, result["versus_reference"]) + "\n")
     title = f"{model}: {method} − {BASELINE}, profile from family A (rows) evaluated on family B (columns)"
     plot_matrix(cells, out / "transfer_matrix.png", title + (f"\n{note}" if note else ""), method)
