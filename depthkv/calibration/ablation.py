@@ -25,7 +25,7 @@ from torch import nn
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from depthkv.engine.runner import ScoredPrefill, cache_kwarg, forward_with_cache, score_prefill
-from depthkv.engine.session import Plan, Protection, Session, prune_layer
+from depthkv.engine.session import Plan, Protection, Session, kept_indices
 from depthkv.scorers import Scorer
 
 WINDOW_ONLY = 1.0  # probe ratio meaning "only the protected sinks + recent window left"
@@ -71,7 +71,7 @@ def shared_cache(cache: DynamicCache, batch: int = 1) -> DynamicCache:
 def probe_keep_mask(sp: ScoredPrefill, scorer: str, layer_idx: int, budget: int) -> torch.Tensor:
     """[KVH, N] bool: the context tokens layer ``layer_idx`` keeps at ``budget`` (same choice as eviction)."""
     layer = sp.cache.layers[layer_idx]
-    keep = prune_layer(layer, sp.scores[scorer][layer_idx], budget, sp.protection)[1][0]  # [KVH, budget]
+    keep = kept_indices(layer, sp.scores[scorer][layer_idx], budget, sp.protection)[0]  # [KVH, budget]
     mask = torch.zeros(keep.shape[0], layer.keys.shape[-2], dtype=torch.bool, device=keep.device)
     return mask.scatter_(-1, keep, True)
 

@@ -216,9 +216,13 @@ class Session:
         self.peak_kv_bytes = 0
 
 
+def kept_indices(layer, scores: torch.Tensor, budget: int, protection: Protection) -> torch.Tensor:
+    """Physical indices [B, KVH, budget] a layer keeps: protected tokens first, then the top scores."""
+    protected = protection.apply(scores, layer_positions(layer), layer.get_seq_length())
+    return select_tokens(protected, budget)
+
+
 def prune_layer(layer, scores: torch.Tensor, budget: int, protection: Protection):
     """(new PrunedLayer holding the layer's top-``budget`` tokens per KV head, kept physical indices)."""
-    positions = layer_positions(layer)
-    protected = protection.apply(scores, positions, layer.get_seq_length())
-    keep = select_tokens(protected, budget)
+    keep = kept_indices(layer, scores, budget, protection)
     return gather_tokens(layer, keep), keep

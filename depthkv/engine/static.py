@@ -24,8 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from depthkv.engine.cache import PrunedLayer
-
 SUPPORTED = {"llama": "LlamaRMSNorm", "qwen2": "Qwen2RMSNorm"}  # model_type -> the RMSNorm class it must use
 ATTENTIONS = ("auto", "split", "sdpa", "triton")
 
@@ -203,10 +201,6 @@ class StaticPrunedCache:
 
 def logical_context(cache) -> int:
     return cache.layers[0].get_seq_length()
-
-
-def is_pruned(cache) -> bool:
-    return any(isinstance(x, PrunedLayer) for x in cache.layers)
 
 
 # ------------------------------------------------------------------------------------------------ step math
