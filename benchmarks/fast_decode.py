@@ -1,6 +1,6 @@
-"""Decode speed of the fixed-shape fast path (issue 6) vs plain HF decoding vs the bytes-read bound.
+"""Decode speed of the fixed-shape fast path vs plain HF decoding vs the bytes-read bound.
 
-For every context length N and budget vector (full cache; uniform and DepthKV-like budgets at each ratio rho) a
+For every context length N and budget vector (full cache; uniform and DepthKV-like budgets at each ratio) a
 pruned cache is built DIRECTLY from seeded random K/V tensors of the per-layer shapes [1, KVH, B_l, D] (prefill
 is not what this measures, and a 128k one-shot prefill per configuration would cost minutes). Then:
 
@@ -35,17 +35,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import DEFAULT_PROFILE, MIN_TOKENS, build_model, copy_bandwidth, depthkv_view, write_results
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.memory_speed import build_model, copy_bandwidth, depthkv_view  # noqa: E402
-from depthkv.allocation import allocate  # noqa: E402
-from depthkv.allocation.sensitivity import SensitivityView  # noqa: E402
-from depthkv.engine.cache import PrunedLayer, clone_cache, kv_bytes  # noqa: E402
-from depthkv.engine.runner import generate_from_cache  # noqa: E402
-from depthkv.engine.static import FastConfig, FastDecoder, StaticPrunedCache  # noqa: E402
-
-PROFILE = Path(__file__).resolve().parent.parent / "docs" / "results" / "profile_smollm2-135m.json"
-MIN_TOKENS = 20  # depthkv's protected window (4 sinks + 16 recent)
+from depthkv.allocation import allocate
+from depthkv.allocation.sensitivity import SensitivityView
+from depthkv.engine.cache import PrunedLayer, clone_cache, kv_bytes
+from depthkv.engine.runner import generate_from_cache
+from depthkv.engine.static import FastConfig, FastDecoder, StaticPrunedCache
 
 
 def budget_vector(kind: str, n_layers: int, n: int, ratio: float, view: SensitivityView | None) -> list[int]:
@@ -187,14 +183,14 @@ def kernel_profile(dec: FastDecoder, top: int = 12) -> dict:
 def breakdown_ms(dec: FastDecoder) -> dict:
     """Per-step time of the attention kernels alone and of every weight matmul alone (CUDA graphs)."""
     c = dec.cache
-    b, kvh, _, d = c._kstore[0].shape
+    b, kvh, _, d = c.buffers(0)[0].shape
     q = torch.randn(b, kvh, dec.model.config.num_attention_heads // kvh, d, device=c.device, dtype=c.dtype)
 
     pos = c.base + c.step  # the valid lengths of the current step
 
     def attn():
         for i in range(c.n_layers):
-            dec._attend(q, c._kstore[i], c._vstore[i], c.masks[i], dec.scale, c.block, pos[i:i + 1])
+            dec.attend(q, *c.buffers(i), c.masks[i], dec.scale, c.block, pos[i:i + 1])
 
     hidden = dec.model.config.hidden_size
     x = torch.randn(b, 1, hidden, device=c.device, dtype=c.dtype)
@@ -236,8 +232,9 @@ def main() -> None:
     n_layers = model.config.num_hidden_layers
     bandwidth = copy_bandwidth("cuda")
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    embed_bytes = model.model.embed_tokens.weight.numel() * model.model.embed_tokens.weight.element_size()
-    view = depthkv_view(PROFILE, n_layers)[0] if "depthkv" in args.budgets else None
+    embed = model.get_input_embeddings().weight
+    embed_bytes = embed.numel() * embed.element_size()
+    view = depthkv_view(DEFAULT_PROFILE, n_layers)[0] if "depthkv" in args.budgets else None
     variants = args.variants.split(",")
     breakdown_at = {int(x) for x in args.breakdown.split(",") if x}
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read+write), weights {weight_bytes / 1e9:.2f} GB; "
@@ -301,8 +298,7 @@ def main() -> None:
             "hf": f"generate_from_cache, greedy, {args.hf_steps} tokens, 2nd of two calls",
             "fast": f"{args.steps} CUDA-graph replays after {FastConfig().warmup_steps} warm-up + "
                     f"{args.eager_steps} eager steps"}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    write_results(args.out, meta, rows)
     print_table(rows, variants)
     print(f"wrote {args.out}")
 
@@ -325,7 +321,7 @@ def add_speedups(rows: list[dict], variants: list[str]) -> None:
 
 
 def print_table(rows: list[dict], variants: list[str]) -> None:
-    head = "| N | budgets | rho | KV kept GiB | bound ms | HF ms (x bound) |"
+    head = "| N | budgets | ratio | KV kept GiB | bound ms | HF ms (x bound) |"
     head += "".join(f" {v} ms (x bound) | {v} tok/s | {v} speed-up / allowed |" for v in variants)
     print(head)
     for r in rows:

@@ -33,10 +33,10 @@ def main() -> None:
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     print("torch", torch.__version__, "transformers", transformers.__version__, "device", dev)
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=6, num_attention_heads=8,
-                                   num_key_value_heads=2, vocab_size=1000, max_position_embeddings=8192)
     for impl in ("sdpa", "eager"):
-        cfg._attn_implementation = impl
+        cfg = transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=6,
+                                       num_attention_heads=8, num_key_value_heads=2, vocab_size=1000,
+                                       max_position_embeddings=8192, attn_implementation=impl)
         model = transformers.LlamaForCausalLM(cfg).to(dev, torch.bfloat16).eval()
         ids = torch.randint(0, 1000, (1, 700), device=dev)
         gen = dict(max_new_tokens=12, do_sample=False)

@@ -33,12 +33,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
+
+from _common import versions
+
+from depthkv.io import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_DATE = "2026-11-28"
@@ -53,18 +57,6 @@ SETTINGS = {
 
 
 # ============================================================================================ shared helpers
-def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": sys.executable, "python_version": platform.python_version()}
-    for name in ("torch", "transformers", "kvpress", "depthkv"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
-    return out
-
-
 def load(threads: int):
     import torch
 
@@ -121,25 +113,19 @@ def kvpress_prefill(model, ctx, press, eager: bool = False):
     from transformers import DynamicCache
 
     from depthkv.engine.runner import cache_kwarg
+    from depthkv.models.layers import decoder_body
 
     cache = DynamicCache()
     if eager:
         set_attn(model, "eager")
     try:
-        with torch.no_grad(), (press(model) if press is not None else _null()):
-            model.model(input_ids=torch.tensor([ctx]), **{cache_kwarg(model.model): cache})
+        body = decoder_body(model)
+        with torch.no_grad(), (press(model) if press is not None else nullcontext()):
+            body(input_ids=torch.tensor([ctx]), **{cache_kwarg(body): cache})
     finally:
         if eager:
             set_attn(model, "sdpa")
     return cache
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def kvpress_methods(job: dict, ratio: float, sample_idx: int):
@@ -379,7 +365,7 @@ def run_agreement(job: dict, lm) -> dict:
 # ============================================================================================ driver
 def make_job(args) -> tuple[dict, list]:
     from depthkv.allocation import allocate
-    from depthkv.calibration.profile import Profile
+    from depthkv.allocation.profile import Profile
     from depthkv.tasks import generate
     from depthkv.tasks.prompt import build_prompt, token_counter
 
@@ -641,8 +627,7 @@ def main(argv=None) -> int:
                     **{k: round(v["seconds"], 1) for k, v in parts.items()}},
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    write_json(out, report, indent=1)
     md = markdown(report)
     out.with_suffix(".md").write_text(md)
     print(md)

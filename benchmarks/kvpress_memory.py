@@ -1,9 +1,9 @@
 """NVIDIA kvpress on CPU: KV kept, peak RSS and prefill CPU time, on the footing of ``memory_speed.py``.
 
 The kvpress counterpart of ``benchmarks/results/memory_cpu.json`` (depthkv's CPU memory sweep): the same
-model and dtype, the same random token ids (``memory_speed.random_ids``: seeded by the context length), the
+model and dtype, the same random token ids (``_common.random_ids``: seeded by the context length), the
 same forward (``forward_with_cache``: the causal LM, ``logits_to_keep=1``, no grad) and the same measurement
-(``memory_speed.rss_mark`` / ``rss_fields``): every configuration runs in a fresh process that loads the
+(``_common.rss_mark`` / ``rss_fields``): every configuration runs in a fresh process that loads the
 model, warms up (a 512-token full prefill and a 512-token prefill under the press being measured), resets
 the kernel's peak-RSS mark, runs the prefill under the kvpress press (kvpress's forward hooks compress each
 layer's cache right after its attention), then reads ``VmHWM``. KV kept is the bytes of the cache's key and
@@ -36,15 +36,20 @@ from contextlib import nullcontext
 from datetime import date
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (
+    ROOT,
+    build_model,
+    config_label,
+    cpu_seconds,
+    random_ids,
+    rss_fields,
+    rss_mark,
+    versions,
+    write_results,
+)
 
-from kvpress_compare import versions  # noqa: E402
-from memory_speed import _cpu_s, build_model, random_ids, rss_fields, rss_mark  # noqa: E402
-from render_tables import _cfg  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_VENV_PY = REPO / ".venv-kvpress/bin/python"
-DEFAULT_DEPTHKV = REPO / "benchmarks/results/memory_cpu.json"
+DEFAULT_VENV_PY = ROOT / ".venv-kvpress/bin/python"
+DEFAULT_DEPTHKV = ROOT / "benchmarks/results/memory_cpu.json"
 PRESSES = {"snapkv": "SnapKVPress", "pyramidkv": "PyramidKVPress"}
 MIB = 1024**2
 
@@ -126,9 +131,9 @@ def run_one(args, plan) -> None:
     n, press_name, r = plan[int(args.one)]
     model = build_model(args.model, "cpu", getattr(torch, args.dtype))
     warm_up(model, press_name, args.window, args.kernel)
-    c0, w0 = _cpu_s(), time.perf_counter()
+    c0, w0 = cpu_seconds(), time.perf_counter()
     row = measure(model, n, press_name, r, args.window, args.kernel)
-    row["process_cpu_s"] = round(_cpu_s() - c0, 2)  # CPU time of the measured part (the prefill)
+    row["process_cpu_s"] = round(cpu_seconds() - c0, 2)  # CPU time of the measured part (the prefill)
     row["process_wall_s"] = round(time.perf_counter() - w0, 2)
     row["threads"] = torch.get_num_threads()
     row["attn_implementation"] = model.config._attn_implementation
@@ -153,7 +158,7 @@ def table(data: dict, depthkv: dict | None) -> str:
 
     def line(lib: str, r: dict, full: dict | None, ref: dict | None) -> str:
         g, c = r["rss_growth_mb"], r["process_cpu_s"]
-        cells = [str(r["context"]), f"{r['ratio']:g}", lib, _cfg(r) if lib == "depthkv" else r["method"],
+        cells = [str(r["context"]), f"{r['ratio']:g}", lib, config_label(r) if lib == "depthkv" else r["method"],
                  f"{r['kv_bytes_kept'] / MIB:.2f}", f"{g:.0f}", _ratio(g, full and full["rss_growth_mb"]),
                  f"{c:.1f}", _ratio(c, full and full["process_cpu_s"]), f"{r['prefill_s']:.1f}"]
         if ref is None:
@@ -212,13 +217,13 @@ def main() -> None:
     rows, commands, cpu_before = [], [], 0.0
     meta = {"date": date.today().isoformat(), "model": args.model, "device": "cpu", "machine": machine(),
             "dtype": args.dtype, "window": args.window, "kernel": args.kernel,
-            "data": "random token ids (seeded by context length): memory_speed.random_ids, as memory_cpu.json",
-            "measurement": "memory_speed.rss_mark / rss_fields (VmHWM reset via /proc/self/clear_refs, fresh "
+            "data": "random token ids (seeded by context length): _common.random_ids, as memory_cpu.json",
+            "measurement": "_common.rss_mark / rss_fields (VmHWM reset via /proc/self/clear_refs, fresh "
                            "process per configuration, after load + 512-token warm-up); process_cpu_s: "
                            "user + system CPU s of the prefill",
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-            "depthkv_rows": str(args.depthkv.relative_to(REPO)) if args.depthkv.is_relative_to(REPO) else None}
+            "depthkv_rows": str(args.depthkv.relative_to(ROOT)) if args.depthkv.is_relative_to(ROOT) else None}
     if args.append and args.out.exists():
         old = json.loads(args.out.read_text())
         rows, commands = old["rows"], old["meta"]["commands"]
@@ -229,7 +234,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for i, (n, press_name, r) in enumerate(plan):
         res = subprocess.run([str(args.python), __file__, *sys.argv[1:], "--one", str(i)], capture_output=True,
-                             text=True, cwd=REPO)
+                             text=True, cwd=ROOT)
         if res.returncode != 0:
             print(res.stderr[-1500:], file=sys.stderr)
             row = {"context": n, "method": press_name, "ratio": r, "error": res.stderr[-300:]}
@@ -245,7 +250,7 @@ def main() -> None:
         # whole child processes (load + warm-up + prefill), this invocation plus earlier appended ones
         meta["children_cpu_s_total"] = round(cpu_before + ru.ru_utime + ru.ru_stime, 1)
         print(json.dumps({k: v for k, v in row.items() if k != "layer_tokens"}), flush=True)
-        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+        write_results(args.out, meta, rows)
     print(table({"meta": meta, "rows": rows}, depthkv))
     print(f"wrote {args.out}")
 

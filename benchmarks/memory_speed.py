@@ -28,133 +28,24 @@ import gc
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
 from datetime import date
 from pathlib import Path
 
-DEFAULT_PROFILE = Path(__file__).resolve().parent.parent / "docs" / "results" / "profile_smollm2-135m.json"
-MIN_TOKENS = 20  # per-layer floor: depthkv's protected window (4 sinks + 16 recent)
-
-SHAPES = {  # architecture fields of public configs (no weights): random-initialised stand-ins
-    "llama-3.1-8b": dict(arch="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                         max_position_embeddings=131072, rope_theta=500000.0,
-                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
-    # smoke tests of this script (the 8B shape's layer and head counts, tiny widths)
-    "tiny-32l": dict(arch="llama", hidden_size=256, intermediate_size=512, num_hidden_layers=32,
-                     num_attention_heads=8, num_key_value_heads=2, vocab_size=1000, max_position_embeddings=8192),
-}
-
-
-def build_model(name: str, device: str, dtype):
-    import torch
-    import transformers
-
-    if name.startswith("random:"):
-        shape = dict(SHAPES[name.split(":", 1)[1]])
-        shape.pop("arch")
-        cfg = transformers.LlamaConfig(**shape)
-        cfg._attn_implementation = "sdpa"
-        torch.manual_seed(0)
-        prev = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            with torch.device(device):
-                model = transformers.LlamaForCausalLM(cfg)
-        finally:
-            torch.set_default_dtype(prev)
-        return model.eval()
-    from depthkv.models import load_model
-
-    return load_model(name, dtype=dtype).model.to(device)
-
-
-def copy_bandwidth(device: str, gib: float = 4.0, repeats: int = 10) -> float:
-    """Bytes per second moved by a device-to-device copy, counting read + write (the decode bound's rate)."""
-    import torch
-
-    n = int(gib * 1024**3) // 2
-    a = torch.empty(n, dtype=torch.bfloat16, device=device)
-    b = torch.empty_like(a)
-    b.copy_(a)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(repeats):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    rate = 2 * a.numel() * a.element_size() * repeats / (time.perf_counter() - t)
-    del a, b
-    torch.cuda.empty_cache()
-    return rate
-
-
-def _status_mb(field: str) -> float | None:
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) of this process; False where the kernel does not allow it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        return False
-    return True
-
-
-def rss_mark() -> tuple[bool, float | None]:
-    """Start of a measured block on CPU: reset the peak-RSS mark, read the resident set (MiB) just before."""
-    return reset_peak_rss(), _status_mb("VmRSS")
-
-
-def rss_fields(mark: tuple[bool, float | None]) -> dict:
-    """End of the block begun by ``rss_mark``: its peak resident set (VmHWM), the growth over the resident set
-    just before it, and the resident set now (with whatever the block left alive)."""
-    rss_reset, rss0 = mark
-    rss_peak, rss_after = _status_mb("VmHWM"), _status_mb("VmRSS")
-    return dict(rss_before_mb=round(rss0, 1), rss_peak_mb=round(rss_peak, 1),
-                rss_growth_mb=round(rss_peak - rss0, 1) if rss_reset else None,
-                rss_after_mb=round(rss_after, 1), rss_peak_reset=rss_reset,
-                rss_lifetime_peak_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
-
-
-def random_ids(model, n: int, device: str):
-    """The measured input: ``n`` + 1 random token ids seeded by ``n`` (the prefill takes the first ``n``)."""
-    import torch
-
-    return torch.randint(0, model.config.vocab_size, (1, n + 1),
-                         generator=torch.Generator().manual_seed(n)).to(device)
-
-
-def depthkv_view(profile_path: str | Path, n_layers: int):
-    """(SensitivityView for ``n_layers`` layers, how it was made) from a calibration profile."""
-    import numpy as np
-
-    from depthkv.allocation import SensitivityView
-    from depthkv.calibration.profile import Profile
-
-    prof = Profile.load(profile_path)
-    view = prof.view()
-    name = prof.data["model"].get("name")
-    if prof.n_layers == n_layers:
-        return view, f"profile {Path(profile_path).name} ({name}, {n_layers} layers) as measured"
-    d = view.require("degradation", "depthkv")
-    src = np.linspace(0.0, 1.0, prof.n_layers)
-    dst = np.linspace(0.0, 1.0, n_layers)
-    d2 = np.stack([np.interp(dst, src, d[:, j]) for j in range(d.shape[1])], axis=1)
-    note = (f"profile {Path(profile_path).name} ({name}, {prof.n_layers} layers): each probe ratio's per-layer "
-            f"degradation linearly interpolated over relative depth to {n_layers} layers (stand-in)")
-    return SensitivityView(view.probe_ratios, d2), note
+from _common import (
+    DEFAULT_PROFILE,
+    MIN_TOKENS,
+    build_model,
+    copy_bandwidth,
+    cpu_seconds,
+    depthkv_view,
+    random_ids,
+    rss_fields,
+    rss_mark,
+    write_results,
+)
 
 
 def budgets_for(method: str, n_layers: int, n: int, ratio: float, view=None, strategy: str = "optimal"):
@@ -275,11 +166,6 @@ def measure(model, device: str, n: int, method: str, mode: str, ratio: float, ch
     return row
 
 
-def _cpu_s() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
-
-
 def make_plan(contexts: str, ratios: str, methods: str, modes: str, skip: str = "") -> list[tuple]:
     """(context, method, mode, ratio) per configuration; ``skip``: ``method:ratio[:mode]`` items left out."""
     drop = {tuple(x.split(":")) for x in skip.split(",") if x}
@@ -324,10 +210,10 @@ def main() -> None:
         model = build_model(args.model, args.device, dtype)
         view = depthkv_view(args.profile, model.config.num_hidden_layers)[0] if method == "depthkv" else None
         warm_up(model, args.device, args.scorer)
-        c0, w0 = _cpu_s(), time.perf_counter()
+        c0, w0 = cpu_seconds(), time.perf_counter()
         row = measure(model, args.device, n, method, mode, r, args.chunk_size, args.decode, args.scorer, view,
                       args.strategy)
-        row["process_cpu_s"] = round(_cpu_s() - c0, 2)  # CPU time of the measured part (prefill [+ decode])
+        row["process_cpu_s"] = round(cpu_seconds() - c0, 2)  # CPU time of the measured part (prefill [+ decode])
         row["process_wall_s"] = round(time.perf_counter() - w0, 2)
         print(json.dumps(row))
         return
@@ -389,7 +275,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "budgets"}), flush=True)
         # after every configuration, so that a run stopped at its time limit keeps what it measured
-        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+        write_results(args.out, meta, rows)
     print(f"wrote {args.out}")
 
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 import time
 from datetime import date
 from pathlib import Path
+
+from _common import rss_mark, status_mb, write_results
 
 CONFIGS = [  # (name, mode, scorer)
     ("full", "full", None),
@@ -27,27 +28,6 @@ CONFIGS = [  # (name, mode, scorer)
     ("chunked-snapkv", "chunked", "snapkv"),
     ("chunked-h2o", "chunked", "h2o"),
 ]
-
-
-def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def _status_mb(field: str) -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def reset_peak_rss() -> float:
-    """Reset the kernel's peak-RSS mark (VmHWM) so that the model load's peak does not hide the prefill's."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        pass
-    return _status_mb("VmRSS")
 
 
 def run_one(model_name: str, length: int, mode: str, scorer: str | None, ratio: float, chunk: int,
@@ -65,7 +45,7 @@ def run_one(model_name: str, length: int, mode: str, scorer: str | None, ratio: 
     vocab = model.config.vocab_size
     ids = torch.randint(100, vocab - 100, (1, length), generator=torch.Generator().manual_seed(0))
     forward_with_cache(model, ids[:, :64], new_cache(model))  # warm-up (allocator, kernels)
-    base_rss = reset_peak_rss()
+    mark = rss_mark()  # the model load's peak does not hide the prefill's
     timing = {"score_s": 0.0}
     peak_kv = [0]
 
@@ -103,8 +83,8 @@ def run_one(model_name: str, length: int, mode: str, scorer: str | None, ratio: 
         "kv_bytes_peak": max(peak_kv[0], kept),
         "kv_share_kept": round(kept / full_kv_bytes(model, length), 4),
         "layer_lengths_min_max": [min(layer_lengths(cache)), max(layer_lengths(cache))],
-        "rss_model_mb": round(base_rss, 1), "rss_peak_mb": round(_status_mb("VmHWM"), 1),
-        "rss_prefill_mb": round(_status_mb("VmHWM") - base_rss, 1),
+        "rss_model_mb": round(mark[1], 1), "rss_peak_mb": round(status_mb("VmHWM"), 1),
+        "rss_prefill_mb": round(status_mb("VmHWM") - mark[1], 1),
     }
 
 
@@ -147,7 +127,7 @@ def main() -> None:
     meta = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
             "cores": __import__("os").cpu_count(), "command": " ".join(sys.argv), "ratio": args.ratio,
             "chunk_size": args.chunk_size, "dtype": args.dtype, "data": "random token ids (seed 0)"}
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    write_results(args.out, meta, rows)
     print(f"wrote {args.out}")
 
 

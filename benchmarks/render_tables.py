@@ -9,6 +9,8 @@ import json
 import sys
 from pathlib import Path
 
+from _common import config_label
+
 GIB = 1024**3
 MIB = 1024**2
 
@@ -42,13 +44,6 @@ def memory_speed(data: dict) -> str:
     return "\n".join(rows)
 
 
-def _cfg(r: dict) -> str:
-    if r["method"] == "full":
-        return "full"
-    name = "DepthKV" if r["method"] == "depthkv" else r["method"]
-    return f"{name} {r['mode']}"
-
-
 def _full_rows(data: dict) -> dict:
     return {r["context"]: r for r in data["rows"] if r.get("method") == "full" and "error" not in r}
 
@@ -75,11 +70,11 @@ def memory(data: dict) -> str:
     for r in sorted(data["rows"], key=lambda r: (r["context"], r["ratio"], order.get(r["method"], 9),
                                                  r["mode"] != "post")):
         if "error" in r:
-            rows.append(f"| {r['context']} | {_cfg(r)} | {r['ratio']} | error: {r['error'][:60]} |")
+            rows.append(f"| {r['context']} | {config_label(r)} | {r['ratio']} | error: {r['error'][:60]} |")
             continue
         f = full.get(r["context"])
         kept, peak = r["kv_bytes_kept"], r["kv_bytes_peak_prefill"] or r["kv_bytes_kept"]
-        cells = [str(r["context"]), _cfg(r) + (f" ({r['source']})" if r.get("source") else ""), f"{r['ratio']:g}", f"{kept / unit:.2f}",
+        cells = [str(r["context"]), config_label(r) + (f" ({r['source']})" if r.get("source") else ""), f"{r['ratio']:g}", f"{kept / unit:.2f}",
                  f"{kept / r['kv_bytes_full']:.3f}", f"{peak / unit:.2f}", f"{peak / kept:.3f}"]
         if cpu:
             grow, base = r.get("rss_growth_mb"), f and f.get("rss_growth_mb")

@@ -27,19 +27,15 @@ import argparse
 import json
 import os
 import platform
-import resource
 import sys
 import tempfile
 import time
 from datetime import date
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from _common import ROOT, cpu_seconds
 
-
-def cpu_s() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
+from depthkv.io import write_json
 
 
 class Clock:
@@ -50,12 +46,12 @@ class Clock:
         self.cpu = 0.0
 
     def __enter__(self):
-        self._w, self._c = time.perf_counter(), cpu_s()
+        self._w, self._c = time.perf_counter(), cpu_seconds()
         return self
 
     def __exit__(self, *exc):
         self.wall += time.perf_counter() - self._w
-        self.cpu += cpu_s() - self._c
+        self.cpu += cpu_seconds() - self._c
 
     def as_dict(self) -> dict:
         return {"wall_s": round(self.wall, 2), "cpu_s": round(self.cpu, 2)}
@@ -103,7 +99,7 @@ def main() -> None:
     if args.calibration_only:
         data = json.loads(args.out.read_text())
         data["calibration"] = calibration_costs()
-        args.out.write_text(json.dumps(data, indent=1) + "\n")
+        write_json(args.out, data, indent=1)
         print(f"calibration timings of {len(data['calibration'])} profile(s) written to {args.out}")
         return
 
@@ -113,9 +109,9 @@ def main() -> None:
 
     import depthkv
     from depthkv.allocation import allocate
-    from depthkv.calibration.profile import Profile
+    from depthkv.allocation.profile import Profile
     from depthkv.engine import generate_from_cache
-    from depthkv.eval.runner import EvalConfig, _prompt, load_samples, run_eval
+    from depthkv.eval.runner import EvalConfig, load_samples, prompt_ids, run_eval
     from depthkv.models import load_model
 
     methods = [m for m in args.methods.split(",") if m]
@@ -150,7 +146,7 @@ def main() -> None:
     naive_out = {}
     with naive:
         for s in samples:
-            prefix, full_ids = _prompt(tok, s, "aware")
+            prefix, full_ids = prompt_ids(tok, s, "aware")
             n = prefix.shape[1]
             for m in methods:
                 for r in ratios:
@@ -172,7 +168,7 @@ def main() -> None:
             "load_average_at_end": [round(x, 2) for x in os.getloadavg()], "torch": torch.__version__,
             "transformers": __import__("transformers").__version__, "model": args.model, "dtype": args.dtype,
             "task": args.task, "samples": len(samples), "context_tokens_mean": round(
-                sum(_prompt(tok, s, "aware")[0].shape[1] for s in samples) / len(samples), 1),
+                sum(prompt_ids(tok, s, "aware")[0].shape[1] for s in samples) / len(samples), 1),
             "methods": methods, "ratios": ratios, "scorer": args.scorer, "setting": "aware",
             "max_new_tokens": max_new, "profile": str(Path(args.profile).relative_to(ROOT))
             if Path(args.profile).is_relative_to(ROOT) else args.profile,
@@ -192,7 +188,7 @@ def main() -> None:
         "calibration": calibration_costs(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.out, result, indent=1)
     sw = result["sweep"]
     print(f"{cells} cells ({len(samples)} samples x {len(methods)} methods x {len(ratios)} ratios), "
           f"~{result['meta']['context_tokens_mean']:.0f} tokens")

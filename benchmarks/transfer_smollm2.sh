@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Transfer experiment (issue 4) on SmolLM2-135M-Instruct, as documented in docs/transfer.md:
+# Transfer experiment on SmolLM2-135M-Instruct, as documented in docs/transfer.md:
 # profiles calibrated on single task families (needle, multikey) and the mixed default profile
 # (docs/results/profile_smollm2-135m.json, from benchmarks/calibrate_models.sh), each used to allocate
 # `optimal` budgets, evaluated on needle and multikey (split eval, disjoint from split calib) against uniform.

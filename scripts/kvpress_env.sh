@@ -37,7 +37,7 @@ trap 'rm -f "$CONSTRAINTS"' EXIT
 # depthkv: editable, without its declared dependencies, then those that do not conflict (and test tools)
 "${PIP[@]}" install -q --no-deps -e .
 "${PIP[@]}" install -q -c "$CONSTRAINTS" \
-  "safetensors>=0.4" "gguf>=0.10" "numpy>=1.24" "scipy>=1.10" "tqdm>=4.60" "rich>=13" "matplotlib>=3.7" \
+  "safetensors>=0.4" "gguf>=0.10" "numpy>=1.24" "scipy>=1.15" "tqdm>=4.60" "rich>=13" "matplotlib>=3.7" \
   "rouge-score>=0.1.2" "accelerate>=0.30" "pytest>=8" "hypothesis>=6.100"
 
 "$VENV/bin/python" - <<'EOF'

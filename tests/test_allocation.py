@@ -59,7 +59,7 @@ def test_list_allocators_sorted_and_complete():
     assert ALLOCATORS["mga"].needs == ("metric",)
     assert ALLOCATORS["optimal"].needs == ("degradation",)
     assert ALLOCATORS["pyramid"].options == {"beta": 20.0}
-    assert ALLOCATORS["mga"].options["rho_max"] == 0.7
+    assert ALLOCATORS["mga"].options["ratio_max"] == 0.7
     assert all(spec.summary for spec in ALLOCATORS.values())
 
 
@@ -115,9 +115,9 @@ def test_register_custom_allocator():
 @pytest.mark.parametrize(
     "kwargs, msg",
     [
-        (dict(rho=1.0), r"\[0, 1\)"),
-        (dict(rho=-0.1), r"\[0, 1\)"),
-        (dict(rho=float("nan")), r"\[0, 1\)"),
+        (dict(ratio=1.0), r"\[0, 1\)"),
+        (dict(ratio=-0.1), r"\[0, 1\)"),
+        (dict(ratio=float("nan")), r"\[0, 1\)"),
         (dict(n_layers=0), "at least one layer"),
         (dict(context_len=0), "context length"),
         (dict(min_tokens=0), "min_tokens"),
@@ -127,11 +127,11 @@ def test_register_custom_allocator():
     ],
 )
 def test_bad_common_inputs(kwargs, msg):
-    args = dict(n_layers=4, context_len=10, rho=0.5) | kwargs
+    args = dict(n_layers=4, context_len=10, ratio=0.5) | kwargs
     prot = args.pop("protected", ())
     mt = args.pop("min_tokens", 1)
     with pytest.raises(BudgetError, match=msg):
-        allocate("uniform", args["n_layers"], args["context_len"], args["rho"], protected=prot, min_tokens=mt)
+        allocate("uniform", args["n_layers"], args["context_len"], args["ratio"], protected=prot, min_tokens=mt)
 
 
 def test_budgets_record_strategy_ratio_protection():
@@ -189,7 +189,7 @@ def test_uniform_hand_cases():
 
 
 def test_min_tokens_above_context_is_clamped():
-    """A context shorter than the scorer's window is kept whole: only rho that rounds to 0 works."""
+    """A context shorter than the scorer's window is kept whole: only ratio that rounds to 0 works."""
     assert allocate("uniform", 2, 3, 0.05, min_tokens=8).tokens == (3, 3)  # round(5.7) = 6 = L * N
     with pytest.raises(BudgetError, match="maximum reachable ratio"):
         allocate("uniform", 2, 3, 0.5, min_tokens=8)
@@ -288,7 +288,7 @@ def test_water_fill_by_hand():
 
 
 def test_mga_three_layers_by_hand():
-    # InfoNCE 0, 1, 2 -> s = 0.1, 0.6, 1.1 (shift, eps 0.1). rho 0.5: sum of ratios 1.5.
+    # InfoNCE 0, 1, 2 -> s = 0.1, 0.6, 1.1 (shift, eps 0.1). ratio 0.5: sum of ratios 1.5.
     # proportional: 0.083, 0.5, 0.917 -> layer 2 capped at 0.7; 0.8 left over s = 0.1, 0.6:
     # 0.8/7 = 0.1143, 4.8/7 = 0.6857. N = 700: removed 80, 480, 490 -> kept 620, 220, 210.
     view = SensitivityView.from_metric([0.0, 1.0, 2.0])
@@ -313,9 +313,9 @@ def test_mga_cap_infeasible_reports_maximum():
         allocate("mga", 3, 100, 0.71, sensitivity=view)
     with pytest.raises(BudgetError, match=r"maximum reachable ratio here is 0\.4667"):
         allocate("mga", 3, 100, 0.5, sensitivity=view, protected=(0,))
-    assert allocate("mga", 3, 100, 0.8, sensitivity=view, rho_max=0.9).total == 60
-    with pytest.raises(BudgetError, match="rho_max"):
-        allocate("mga", 3, 100, 0.5, sensitivity=view, rho_max=0.0)
+    assert allocate("mga", 3, 100, 0.8, sensitivity=view, ratio_max=0.9).total == 60
+    with pytest.raises(BudgetError, match="ratio_max"):
+        allocate("mga", 3, 100, 0.5, sensitivity=view, ratio_max=0.0)
 
 
 def test_mga_keep_floor_float_safe():

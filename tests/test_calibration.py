@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from depthkv.allocation.profile import KIND, SCHEMA_VERSION, Profile, ProfileError
 from depthkv.calibration.ablation import CalibrationItem, measure_sensitivity, probe_budget, shared_cache
-from depthkv.calibration.profile import KIND, SCHEMA_VERSION, Profile, ProfileError
 from depthkv.engine import Protection
 from depthkv.engine.runner import forward_with_cache, score_prefill
 from depthkv.engine.session import Session, prune_layer
@@ -41,17 +41,18 @@ def test_ablation_shapes_determinism_and_zero_pruning(tiny_models):
     assert (a.kl >= -1e-6).all()  # KL is non-negative
 
 
-def _evicted_probe(model, item, scorer, layer_idx, budget):
-    """Reference: physically prune layer ``layer_idx`` alone, then run the whole model on the forced tokens."""
-    prefix = item.prompt_ids[:, :-1]
-    forced = torch.cat([item.prompt_ids[:, -1:], item.answer_ids[:, :-1]], 1)
-    sp = score_prefill(model, prefix, [scorer], PROT)
+def _evicted_probe(model, item, scorer, layer_idx, budget, sp=None):
+    """Reference: physically prune layer ``layer_idx`` alone, then run the whole model on the forced tokens
+    (KL over the answer positions: the last T of them). ``sp``: the item's scored prefill, if already made."""
+    prefix, forced = item.split()
+    n_answer = item.answer_ids.shape[1]
+    sp = sp or score_prefill(model, prefix, [scorer], PROT)
     cache = shared_cache(sp.cache)
     cache.layers[layer_idx] = prune_layer(sp.cache.layers[layer_idx], sp.scores[scorer.name][layer_idx],
                                           budget, PROT)[0]
     with Session(model):
-        logits = forward_with_cache(model, forced, cache, logits_to_keep=forced.shape[1])
-    ref = forward_with_cache(model, forced, shared_cache(sp.cache), logits_to_keep=forced.shape[1])
+        logits = forward_with_cache(model, forced, cache, logits_to_keep=forced.shape[1])[:, -n_answer:]
+    ref = forward_with_cache(model, forced, shared_cache(sp.cache), logits_to_keep=forced.shape[1])[:, -n_answer:]
     logp, ref_logp = logits.float().log_softmax(-1), ref.float().log_softmax(-1)
     return (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean().item()
 
@@ -71,6 +72,37 @@ def test_batched_masked_probes_equal_physical_eviction(tiny_models, family, attn
                 want = _evicted_probe(model, item, get_scorer("snapkv"), layer_idx, probe_budget(ratio, n, PROT))
                 assert res.kl[s, layer_idx, r_idx] == pytest.approx(want, rel=1e-3, abs=1e-6)
     assert res.kl[:, :, -1].max() > 1e-3  # the comparison is not between zeros
+
+
+def _agnostic_items(n: int = 2, length: int = 72, seed: int = 0) -> list[CalibrationItem]:
+    """Context part, question part (7 tokens) and answer: the question is forced after the pruned context."""
+    gen = torch.Generator().manual_seed(seed)
+    return [CalibrationItem(torch.randint(0, 256, (1, length), generator=gen),
+                            torch.randint(0, 256, (1, 5), generator=gen), f"s{i}",
+                            torch.randint(0, 256, (1, 7), generator=gen)) for i in range(n)]
+
+
+@pytest.mark.parametrize("family,attn,batch", [("llama", "sdpa", 5), ("qwen2", "eager", 3)])
+def test_batched_masked_probes_equal_physical_eviction_agnostic(tiny_models, family, attn, batch):
+    """Query-agnostic probes (context pruned, question + answer forced): masked batches = real eviction."""
+    model = tiny_models(family, attn)
+    items = _agnostic_items()
+    assert items[0].context_len == 72 and items[0].split()[1].shape[1] == 7 + 5 - 1
+    ratios = (0.3, 0.7, 1.0)
+    res = measure_sensitivity(model, items, get_scorer("snapkv"), ratios, PROT, batch=batch)
+    assert res.context_lens == [72, 72]
+    scorer = get_scorer("snapkv")
+    for s, item in enumerate(items):
+        sp = score_prefill(model, item.split()[0], [scorer], PROT)
+        for layer_idx in range(res.kl.shape[1]):
+            for r_idx, ratio in enumerate(ratios):
+                want = _evicted_probe(model, item, scorer, layer_idx, probe_budget(ratio, 72, PROT), sp)
+                assert res.kl[s, layer_idx, r_idx] == pytest.approx(want, rel=1e-3, abs=1e-6)
+    assert res.kl[:, :, -1].max() > 1e-3
+    # the forced question changes what is measured: not the aware numbers of the same tokens
+    aware = [CalibrationItem(torch.cat([i.prompt_ids, i.question_ids], 1), i.answer_ids) for i in items]
+    res_aware = measure_sensitivity(model, aware, get_scorer("snapkv"), ratios, PROT, batch=batch)
+    assert not np.allclose(res.kl, res_aware.kl, atol=1e-4)
 
 
 def test_probe_ratios_are_validated(tiny_models):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from depthkv.calibration.profile import Profile
+from depthkv.allocation.profile import Profile
 from depthkv.cli import main
 
 

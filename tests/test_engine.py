@@ -21,13 +21,13 @@ from depthkv.engine import (
 )
 from depthkv.engine.runner import cache_kwarg, forward_with_cache
 from depthkv.scorers import SCORERS, ScoreInputs, attention_blocks, get_scorer
-from tests.conftest import ARCHS, IMPLS
+from tests.conftest import ARCHS, IMPLS, SCORER_OPTIONS
 
 GEN = dict(max_new_tokens=8, do_sample=False)
 PROT = dict(n_sink=2, n_recent=4)
 
 
-# ---------------------------------------------------------------------------------------------- rho = 0
+# ---------------------------------------------------------------------------------------------- ratio = 0
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mode", ["post", "chunked"])
@@ -35,7 +35,8 @@ def test_ratio_zero_reproduces_full_cache(tiny_models, prompt_ids, arch, impl, m
     model = tiny_models(arch, impl)
     ref = model.generate(prompt_ids, **GEN)
     for scorer in SCORERS:
-        with depthkv.press(model, scorer, ratio=0.0, mode=mode, chunk_size=32, **PROT) as p:
+        with depthkv.press(model, scorer, ratio=0.0, mode=mode, chunk_size=32, **PROT,
+                           **SCORER_OPTIONS.get(scorer, {})) as p:
             out = model.generate(prompt_ids, **GEN)
         assert torch.equal(out, ref), (scorer, out, ref)
         assert p.budgets is not None and p.budgets.kept_share == 1.0
@@ -176,7 +177,7 @@ def test_kept_tokens_are_top_scoring_per_kv_head(tiny_models, prompt_ids, scorer
     model = tiny_models("llama", "sdpa")
     n = prompt_ids.shape[1]
     prot = Protection(n_sink=2, n_recent=4)
-    sp = score_prefill(model, prompt_ids, [get_scorer(scorer)], prot)
+    sp = score_prefill(model, prompt_ids, [get_scorer(scorer, **SCORER_OPTIONS.get(scorer, {}))], prot)
     cache = sp.prune(scorer, Budgets(UNEVEN, context_len=n))
     for layer_idx, layer in enumerate(cache.layers):
         scores = sp.scores[scorer][layer_idx]

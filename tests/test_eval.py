@@ -53,7 +53,7 @@ def lm(tokenizer):
 
 def fake_profile(lm, path, sample_ids=()):
     """A schema-valid profile for the tiny model: layer 1 is the sensitive one."""
-    from depthkv.calibration.profile import KIND, SCHEMA_VERSION
+    from depthkv.allocation.profile import KIND, SCHEMA_VERSION
     from depthkv.models import model_identity
 
     mean = [[0.01, 0.03], [0.4, 0.9], [0.02, 0.05], [0.05, 0.1]]
@@ -73,7 +73,7 @@ def config(tmp_path, lm, **kw) -> EvalConfig:
     base = dict(model="tiny-llama", tasks=("needle", "vartrack"), methods=("full", "uniform", "pyramid", "optimal"),
                 scorers=("snapkv", "h2o"), ratios=(0.3, 0.6), samples=2, context_tokens=320,
                 settings=("aware", "agnostic"), profile=str(fake_profile(lm, tmp_path / "profile.json")),
-                max_new_tokens=4)
+                max_new_tokens=4, force_profile=True)  # the snapkv/aware profile serves every grid cell here
     base.update(kw)
     return EvalConfig(**base)
 
@@ -114,8 +114,8 @@ def test_one_prefill_per_sample_and_setting(tmp_path, lm):
 def test_rows_carry_the_full_configuration(tmp_path, lm):
     import depthkv
     from depthkv.allocation import global_budget
-    from depthkv.eval.results import sha256_file
     from depthkv.models import model_identity
+    from depthkv.models.hashing import sha256_file
 
     cfg = config(tmp_path, lm, tasks=("needle",), ratios=(0.5,), settings=("aware",), scorers=("snapkv",))
     res = run_eval(lm, cfg, tmp_path / "run", progress=False)
@@ -382,5 +382,6 @@ def test_report_transfer_matrix_from_folders_with_different_profiles(tmp_path, l
 
     mats = transfer_matrices(load_runs(folders))
     assert len(mats) == 1
-    _, method, labels, tasks, matrix = mats[0]
-    assert method == "optimal" and tasks == ["needle", "vartrack"] and len(matrix) == 4
+    _, method, cells = mats[0]
+    assert method == "optimal" and sorted({c["task"] for c in cells}) == ["needle", "vartrack"] and len(cells) == 4
+    assert all(c["diff_low"] <= c["diff"] <= c["diff_high"] and c["n"] == 2 for c in cells)

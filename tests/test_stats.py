@@ -13,7 +13,6 @@ from depthkv.calibration.stats import (
     PermutationResult,
     bootstrap_ci,
     paired_diff_ci,
-    pearson,
     permutation_test,
     spearman,
 )
@@ -148,6 +147,25 @@ def test_bootstrap_degenerate():
     assert single.low == single.high == 4.0
 
 
+def test_bootstrap_nan_omit():
+    """NaN-aware mode (proxy metrics): a NaN sample leaves only the means it would enter; paired columns."""
+    v = np.random.default_rng(9).normal(loc=2.0, size=(200, 3))
+    ci = bootstrap_ci(v, seed=0, nan_policy="omit")
+    np.testing.assert_allclose(ci.estimate, v.mean(0))
+    assert np.all(ci.low < ci.estimate) and np.all(ci.estimate < ci.high) and np.all(ci.high - ci.low < 0.5)
+    np.testing.assert_array_equal(bootstrap_ci(v, seed=0, nan_policy="omit").low, ci.low)  # seeded
+    np.testing.assert_allclose(ci.low, bootstrap_ci(v, seed=0).low)  # no NaN: the same as the strict mode
+    v[0, 0] = np.nan
+    v[:, 2] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ci = bootstrap_ci(v, n_boot=200, nan_policy="omit")
+    assert ci.estimate[0] == pytest.approx(np.nanmean(v[:, 0])) and np.isfinite(ci.low[:2]).all()
+    assert np.isnan([ci.estimate[2], ci.low[2], ci.high[2]]).all()  # an all-NaN column stays NaN
+    with pytest.raises(ValueError, match="nan_policy"):
+        bootstrap_ci(v, nan_policy="propagate")
+
+
 # ---------------------------------------------------------------- paired difference
 
 
@@ -195,8 +213,7 @@ def test_spearman_constant_and_nan_are_safe():
         assert rho == pytest.approx(1.0)
         rho, p = spearman([np.nan, 1.0], [1.0, 2.0])
         assert np.isnan(rho) and np.isnan(p)
-        r, _ = pearson([1, 2, 3], [2, 4, 6])
-        assert r == pytest.approx(1.0)
-        assert np.isnan(pearson([2, 2, 2], [1, 2, 3])[0])
+        assert spearman([1, 2], [3, 5])[0] == pytest.approx(1.0)
+        assert np.isnan(spearman([1, 2, np.inf], [3, 5, 6], min_pairs=3)).all()  # inf dropped: 2 pairs < 3
     with pytest.raises(ValueError, match="same length"):
         spearman([1, 2], [1, 2, 3])

@@ -17,6 +17,8 @@ from depthkv.tasks import (
     calibration_mix,
     corpus,
     edit_similarity,
+    exact_match,
+    f1_score,
     generate,
     haystack,
     load_jsonl,
@@ -30,9 +32,11 @@ from depthkv.tasks import (
     write_samples,
     yap_score,
 )
+from depthkv.tasks._multidoc import split_documents
+from depthkv.tasks.docqa import quoted
 from depthkv.tasks.gsm_inf import solve
 
-SYNTHETIC = ("needle", "multikey", "vartrack", "gsm_inf", "code_next_line", "summarise")
+SYNTHETIC = ("needle", "multikey", "vartrack", "gsm_inf", "code_next_line", "summarise", "multihop", "docqa")
 CTX = 600  # small contexts keep the suite fast
 
 
@@ -117,10 +121,12 @@ def test_calib_and_eval_are_disjoint(task):
         assert not {s.meta["key"] for s in cal} & {s.meta["key"] for s in ev}
     if task == "code_next_line":
         assert not {s.meta["source_file"] for s in cal} & {s.meta["source_file"] for s in ev}
-    if task == "summarise":
+    if task in ("summarise", "multihop", "docqa"):
         cal_src = {x for s in cal for x in s.meta["sources"]}
         ev_src = {x for s in ev for x in s.meta["sources"]}
         assert not cal_src & ev_src
+    if task in ("multihop", "docqa"):  # answers come from disjoint halves of the entity pools
+        assert not {s.answer for s in cal} & {s.answer for s in ev}
 
 
 @pytest.mark.parametrize("task", SYNTHETIC)
@@ -137,7 +143,8 @@ def test_lengths_near_target(task, counter):
 def test_scoring_the_answer_gets_full_marks(task):
     for s in generate(task, 2, 3, context_tokens=CTX):
         ref = "The text documents Python modules and their behaviour." if task == "summarise" else None
-        out = ref or (s.answer if task == "code_next_line" else f"Sure. {s.answer}")
+        exact = task in ("code_next_line", "multihop", "docqa")  # metrics that penalise extra words
+        out = ref or (s.answer if exact else f"Sure. {s.answer}")
         res = score(s, out, reference=ref)
         assert res[METRICS[s.metric].primary] == pytest.approx(1.0), (task, res)
 
@@ -248,6 +255,90 @@ def test_summarise_text_and_reference():
         score(s, "some output")
     res = score(s, "the cat sat on the mat", reference="the cat sat on the mat")
     assert res["rouge1"] == res["rougeL"] == pytest.approx(1.0) and res["yap"] == 0
+    assert METRICS["rouge"].primary == "rouge1"  # the paper reports ROUGE-1
+
+
+_HOP1 = re.compile(r"The (\w+) of the (\w+) module is ([A-Z]\w+ [A-Z]\w+)\.")
+_HOP2 = re.compile(r"([A-Z]\w+ [A-Z]\w+) lives in ([A-Z]\w+(?: [A-Z]\w+)?)\.")
+
+
+def test_multihop_hops_in_different_documents_and_answer_derivable():
+    for s in generate("multihop", 6, 0, context_tokens=CTX, num_distractors=3, relation_decoys=1):
+        docs = split_documents(s.context)
+        assert [t for t, _ in docs] == s.meta["titles"] and len(docs) == s.meta["n_docs"] >= 4
+        (hop1, hop2), (a, b) = s.meta["hops"], s.meta["hop_docs"]
+        assert a != b and abs(a - b) >= len(docs) // 2  # far apart
+        assert hop1 in docs[a][1] and hop2 in docs[b][1]
+        assert s.context.count(hop1) == 1 and s.context.count(hop2) == 1
+        # independent solver over the context: (relation, module) -> person -> city, all unambiguous
+        people = {(r, m): p for r, m, p in _HOP1.findall(s.context)}
+        homes = dict(_HOP2.findall(s.context))
+        assert len(people) == len(_HOP1.findall(s.context)) == 5 and len(homes) == 5
+        assert len(set(homes.values())) == 5
+        relation, module = s.meta["relation"], s.meta["module"]
+        assert f"the {relation} of the {module} module" in s.question
+        assert homes[people[(relation, module)]] == s.answer
+        # one hop only, a wrong bridge or a wrong relation all score 0
+        assert score(s, s.meta["bridge"])["f1"] == 0.0
+        wrong = [d["city"] for d in s.meta["distractors"]]
+        assert len(wrong) == 4 and all(score(s, c)["f1"] == 0.0 for c in wrong)
+        decoys = [d for d in s.meta["distractors"] if d["module"] == module]
+        assert len(decoys) == 1 and decoys[0]["relation"] != relation
+        for d in s.meta["distractors"]:
+            assert d["docs"][0] != d["docs"][1]
+        assert s.answer not in s.meta["titles"] and s.context.count(s.answer) == 1
+
+
+def test_multihop_without_distractors_and_options():
+    s = generate("multihop", 1, 0, context_tokens=CTX, num_distractors=0, relation_decoys=0, num_docs=2)[0]
+    assert len(_HOP1.findall(s.context)) == 1 and len(_HOP2.findall(s.context)) == 1
+    assert s.meta["n_docs"] == 2 and sorted(s.meta["hop_docs"]) == [0, 1]
+    with pytest.raises(ValueError, match="num_docs"):
+        generate("multihop", 1, 0, context_tokens=CTX, num_docs=1)
+    with pytest.raises(ValueError, match="relation_decoys"):
+        generate("multihop", 1, 0, context_tokens=CTX, relation_decoys=4)
+    with pytest.raises(ValueError, match="pool has only"):
+        generate("multihop", 1, 0, context_tokens=CTX, num_distractors=60)
+
+
+def test_docqa_answer_only_in_the_titled_document():
+    kinds = set()
+    for s in generate("docqa", 8, 0, context_tokens=CTX, num_distractors=3):
+        kinds.add(s.meta["attribute"])
+        docs = split_documents(s.context)
+        assert len(docs) == s.meta["n_docs"] >= 4
+        title, text = docs[s.meta["doc"]]
+        assert title == s.meta["title"] and f"titled {quoted(title)}," in s.question
+        assert s.context.count(s.meta["fact"]) == 1 and s.meta["fact"] in text
+        assert s.context.count(s.answer) == 1 and s.answer in s.meta["fact"]
+        stem = s.meta["fact"].split(s.answer)[0]  # "The review number of this document is "
+        values = [s.answer] + [d["value"] for d in s.meta["distractors"]]
+        assert len(set(values)) == 4
+        for d in s.meta["distractors"]:
+            assert d["doc"] != s.meta["doc"] and d["title"] == docs[d["doc"]][0]
+            assert f"{stem}{d['value']}." in docs[d["doc"]][1] and s.context.count(d["value"]) == 1
+            assert score(s, d["value"])["f1"] == 0.0  # another document's value earns nothing
+        # the near-duplicate sentence is in exactly num_distractors + 1 documents, once each
+        assert s.context.count(stem) == 4 and sum(stem in body for _, body in docs) == 4
+        assert score(s, s.answer) == {"f1": 1.0, "em": 1.0}
+    assert len(kinds) >= 3
+    for s in generate("docqa", 3, 1, context_tokens=CTX, attributes=["review"]):
+        assert re.fullmatch(r"\d{4}", s.answer) and "review number" in s.question
+
+
+def test_docqa_options_and_corpus_limits():
+    s = generate("docqa", 1, 0, context_tokens=CTX, num_docs=2, num_distractors=5)[0]
+    assert s.meta["n_docs"] >= 6 and len(s.meta["distractors"]) == 5
+    with pytest.raises(ValueError, match="unknown attributes"):
+        generate("docqa", 1, 0, context_tokens=CTX, attributes=["colour"])
+    with pytest.raises(ValueError, match="num_distractors"):
+        generate("docqa", 1, 0, context_tokens=CTX, num_distractors=-1)
+    with pytest.raises(ValueError, match="too small"):
+        generate("docqa", 1, 0, context_tokens=10**7)
+    with pytest.raises(ValueError, match="no room"):
+        generate("docqa", 1, 0, context_tokens=30)
+    long = generate("multihop", 1, 0, context_tokens=30000)[0]  # long contexts use more documents
+    assert long.meta["n_docs"] > 4 and abs(len(long.context) / 4 - 30000) <= 0.05 * 30000
 
 
 def test_generate_errors():
@@ -342,6 +433,31 @@ def test_yap_score():
     assert yap_score("one two", 3) == 0
     assert yap_score(10, 4) == 6
     assert yap_score("abcdef", 2, count_tokens=len) == 4
+
+
+def test_exact_match_squad_normalisation():
+    assert exact_match("The Tampere.", "tampere") == 1.0  # case, article, punctuation
+    assert exact_match("  Buenos   Aires! ", "Buenos Aires") == 1.0
+    assert exact_match("1,234", "1234") == 1.0
+    assert exact_match("It is Tampere", "Tampere") == 0.0  # extra words count
+    assert exact_match("Marten Ilse", "Ilse Marten") == 0.0
+    assert exact_match("", "") == 1.0
+
+
+def test_f1_partial_credit():
+    assert f1_score("Ilse", "Ilse Marten") == pytest.approx(2 / 3)  # P = 1, R = 1/2
+    assert f1_score("the city is Tampere", "Tampere") == pytest.approx(0.5)  # "city is tampere": P = 1/3
+    assert f1_score("Marten Ilse", "Ilse Marten") == 1.0  # bag of words
+    assert f1_score("tampere tampere", "tampere") == pytest.approx(2 / 3)  # overlap is a multiset
+    assert f1_score("Lisbon", "Tampere") == 0.0
+    assert f1_score("", "Tampere") == 0.0 and f1_score("the", "") == 1.0  # both normalise to nothing
+    s = Sample("x", "multihop", "", "", "Buenos Aires", "f1")
+    assert score(s, "Buenos Aires, Argentina") == {"f1": pytest.approx(0.8), "em": 0.0}
+    assert METRICS["f1"].primary == "f1" and METRICS["em"].primary == "em"
+    aliased = Sample("y", "jsonl", "", "", "New York City", "em", meta={"aliases": ["NYC"]})
+    assert score(aliased, "nyc") == {"f1": 1.0, "em": 1.0}  # best over the gold answers
+    with pytest.raises(ValueError, match="aliases"):
+        score(Sample("z", "jsonl", "", "", "a", "f1", meta={"aliases": "NYC"}), "a")
 
 
 # -------------------------------------------------------------------------------------------- jsonl
@@ -470,3 +586,16 @@ def test_build_prompt_plain_and_length_counter(tiny_tokenizer):
         assert tiny_tokenizer.decode(q).endswith("Answer:")
         ctx2, q2 = build_prompt(tiny_tokenizer, s)
         assert ctx2 + q2 == ctx + q and tiny_tokenizer.decode(q2).strip() == "Answer:"
+
+
+@pytest.mark.parametrize("task", SYNTHETIC)
+def test_prompt_fits_token_budget(tiny_tokenizer, task):
+    from depthkv.tasks import token_counter
+
+    count = token_counter(tiny_tokenizer)
+    target = 400
+    for s in generate(task, 2, 5, context_tokens=target, count_tokens=count):
+        assert abs(count(s.context) - target) <= 0.05 * target, (task, count(s.context))
+        ctx, q = build_prompt(tiny_tokenizer, s)
+        # the whole prompt: the context, the question and the plain template's few tokens
+        assert len(ctx) + len(q) <= 1.05 * target + count(s.question) + 12

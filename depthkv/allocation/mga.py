@@ -2,8 +2,8 @@
 
 The paper scores each layer from its InfoNCE (lower InfoNCE = more critical layer), turns the score
 s(l) (higher = more robust) into shares a(l) = s(l) / sum_{j pruned} s(j), and prunes each layer at a
-ratio proportional to its share, rho(l) = c * a(l), capped at rho_max = 0.7; whatever the cap cuts is
-redistributed over the unsaturated layers until mean_l rho(l) = rho exactly (water-filling).
+ratio proportional to its share, r(l) = c * a(l), capped at ratio_max = 0.7; whatever the cap cuts is
+redistributed over the unsaturated layers until mean_l r(l) = ratio exactly (water-filling).
 
 Score transform (the paper leaves it open), default ``transform="shift"``:
 
@@ -15,8 +15,8 @@ do not matter, and equal metrics give uniform pruning. ``transform="raw"`` uses 
 ``transform="rank"`` uses s = 1 + rank of m (ties averaged).
 
 Integer budgets: tokens REMOVED per layer are apportioned by the bounded divisor method with weights
-s(l) and bound ``N - max(min_tokens, ceil(N * (1 - rho_max)))``, i.e. the integer water-filling; the
-total is exact and every layer's budget is monotone in rho. When the cap makes the target unreachable a
+s(l) and bound ``N - max(min_tokens, ceil(N * (1 - ratio_max)))``, i.e. the integer water-filling; the
+total is exact and every layer's budget is monotone in ratio. When the cap makes the target unreachable a
 BudgetError states the maximum reachable ratio.
 """
 
@@ -55,41 +55,41 @@ def robustness_scores(metric: np.ndarray, transform: str = "shift", eps: float =
     raise BudgetError(f"unknown transform {transform!r}; choose one of {TRANSFORMS}")
 
 
-def keep_floor(context_len: int, rho_max: float, floor: int = 1) -> int:
-    """Fewest tokens a layer may keep under the cap: ``max(floor, ceil(N * (1 - rho_max)))``."""
-    if not 0.0 < rho_max <= 1.0:
-        raise BudgetError(f"rho_max must lie in (0, 1], got {rho_max}")
-    return max(int(floor), math.ceil(context_len * (1.0 - rho_max) - 1e-9))
+def keep_floor(context_len: int, ratio_max: float, floor: int = 1) -> int:
+    """Fewest tokens a layer may keep under the cap: ``max(floor, ceil(N * (1 - ratio_max)))``."""
+    if not 0.0 < ratio_max <= 1.0:
+        raise BudgetError(f"ratio_max must lie in (0, 1], got {ratio_max}")
+    return max(int(floor), math.ceil(context_len * (1.0 - ratio_max) - 1e-9))
 
 
 def mga_ratios(
     metric: Sequence[float] | np.ndarray,
-    rho: float,
+    ratio: float,
     *,
     protected: Sequence[int] = (),
-    rho_max: float = 0.7,
+    ratio_max: float = 0.7,
     transform: str = "shift",
     eps: float = 0.1,
 ) -> np.ndarray:
-    """The continuous per-layer ratios of MGA (before integer rounding): water-filling of L * rho.
+    """The continuous per-layer ratios of MGA (before integer rounding): water-filling of L * ratio.
 
-    Protected layers get 0; ``mean(result) == rho``; no entry exceeds ``rho_max``.
+    Protected layers get 0; ``mean(result) == ratio``; no entry exceeds ``ratio_max``.
     """
     m = np.asarray(metric, dtype=np.float64)
-    rho = check_ratio(rho)
+    ratio = check_ratio(ratio)
     free = [i for i in range(m.size) if i not in set(protected)]
     out = np.zeros(m.size)
     if not free:
-        if rho > 0:
-            raise BudgetError("every layer is protected: only rho = 0 is reachable")
+        if ratio > 0:
+            raise BudgetError("every layer is protected: only ratio = 0 is reachable")
         return out
     s = robustness_scores(m[free], transform, eps)
-    if m.size * rho > len(free) * rho_max + 1e-12:
+    if m.size * ratio > len(free) * ratio_max + 1e-12:
         raise BudgetError(
-            f"mga: rho = {rho} needs a mean ratio of {m.size * rho / len(free):.4f} on {len(free)} pruned layers, "
-            f"above the cap rho_max = {rho_max}; the maximum reachable ratio is {len(free) * rho_max / m.size:.4f}"
+            f"mga: ratio {ratio} needs a mean ratio of {m.size * ratio / len(free):.4f} on {len(free)} pruned layers, "
+            f"above the cap ratio_max = {ratio_max}; the maximum reachable ratio is {len(free) * ratio_max / m.size:.4f}"
         )
-    out[free] = water_fill(s / s.sum(), m.size * rho, rho_max)
+    out[free] = water_fill(s / s.sum(), m.size * ratio, ratio_max)
     return out
 
 
@@ -98,19 +98,19 @@ def mga_budgets(
     metric: np.ndarray,
     strategy: str,
     *,
-    rho_max: float,
+    ratio_max: float,
     transform: str,
     eps: float,
     note: str = "",
 ) -> Budgets:
     """Integer MGA on ``request``'s free layers (shared with MLMA, which only protects more layers)."""
-    rho_max = float(rho_max)
+    ratio_max = float(ratio_max)
     n = request.context_len
-    lo = keep_floor(n, rho_max, request.floor)
+    lo = keep_floor(n, ratio_max, request.floor)
     why = (
         ""
         if lo == request.floor
-        else f" (cap rho_max = {rho_max}: at most {n - lo} of {n} tokens removed per layer)"
+        else f" (cap ratio_max = {ratio_max}: at most {n - lo} of {n} tokens removed per layer)"
     )
     request.check_feasible(strategy, lo, why + note)
     free = request.free
@@ -127,14 +127,14 @@ def allocate_mga(
     request: AllocationRequest,
     sensitivity: SensitivityView | None = None,
     *,
-    rho_max: float = 0.7,
+    ratio_max: float = 0.7,
     transform: str = "shift",
     eps: float = 0.1,
 ) -> Budgets:
-    """MGA (DepthKV paper): per-layer ratio proportional to an InfoNCE robustness score, capped at rho_max.
+    """MGA (DepthKV paper): per-layer ratio proportional to an InfoNCE robustness score, capped at ratio_max.
 
     Lower InfoNCE = more critical = pruned less. Water-filling over the unsaturated layers meets the
     global budget exactly; see the module docstring for the score transform and the integer rounding.
     """
     metric = sensitivity.require("metric", "mga")
-    return mga_budgets(request, metric, "mga", rho_max=rho_max, transform=transform, eps=eps)
+    return mga_budgets(request, metric, "mga", ratio_max=ratio_max, transform=transform, eps=eps)

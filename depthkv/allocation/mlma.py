@@ -1,10 +1,10 @@
 """MLMA-k: middle layers kept whole, the rest metric-guided (DepthKV paper, arXiv 2604.24647, "MLMA-kL").
 
 The ``k`` middle layers (k = 2, 4, 6 in the paper; block from ``mlp.middle_layers``) keep their whole
-cache; the remaining unprotected layers are allocated by the MGA rule (InfoNCE score, cap rho_max = 0.7,
+cache; the remaining unprotected layers are allocated by the MGA rule (InfoNCE score, cap ratio_max = 0.7,
 water-filling). With the cap, fewer pruned layers may not be able to remove enough: e.g. 30 layers with
 layer 0 and 4 middle layers protected leave 25 layers that can remove at most 25 * 0.7 / 30 = 58.3 % of
-the cache, short of rho = 0.6. The paper does not say how it resolves this; here such a request raises a
+the cache, short of ratio = 0.6. The paper does not say how it resolves this; here such a request raises a
 BudgetError stating the maximum reachable ratio instead of missing the budget.
 """
 
@@ -23,7 +23,7 @@ def mlma_budgets(
     k: int,
     strategy: str,
     *,
-    rho_max: float,
+    ratio_max: float,
     transform: str,
     eps: float,
 ) -> Budgets:
@@ -35,7 +35,7 @@ def mlma_budgets(
     mid = middle_layers(request.n_layers, k)
     req = request.with_protected(mid)
     note = f"; {strategy} keeps the {len(mid)} middle layers {list(mid)} whole"
-    return mga_budgets(req, metric, strategy, rho_max=rho_max, transform=transform, eps=eps, note=note)
+    return mga_budgets(req, metric, strategy, ratio_max=ratio_max, transform=transform, eps=eps, note=note)
 
 
 @register_allocator("mlma", needs=("metric",))
@@ -44,12 +44,12 @@ def allocate_mlma(
     sensitivity: SensitivityView | None = None,
     *,
     k: int = 2,
-    rho_max: float = 0.7,
+    ratio_max: float = 0.7,
     transform: str = "shift",
     eps: float = 0.1,
 ) -> Budgets:
     """MLMA-k (DepthKV paper): k middle layers unpruned, the others by MGA (InfoNCE, capped water-filling)."""
-    return mlma_budgets(request, sensitivity, k, f"mlma-{k}", rho_max=rho_max, transform=transform, eps=eps)
+    return mlma_budgets(request, sensitivity, k, f"mlma-{k}", ratio_max=ratio_max, transform=transform, eps=eps)
 
 
 def _register_fixed(k: int) -> None:
@@ -57,12 +57,12 @@ def _register_fixed(k: int) -> None:
         request: AllocationRequest,
         sensitivity: SensitivityView | None = None,
         *,
-        rho_max: float = 0.7,
+        ratio_max: float = 0.7,
         transform: str = "shift",
         eps: float = 0.1,
     ) -> Budgets:
         return mlma_budgets(
-            request, sensitivity, k, f"mlma-{k}", rho_max=rho_max, transform=transform, eps=eps
+            request, sensitivity, k, f"mlma-{k}", ratio_max=ratio_max, transform=transform, eps=eps
         )
 
     fixed.__name__ = f"allocate_mlma_{k}"

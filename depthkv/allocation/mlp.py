@@ -40,5 +40,5 @@ def allocate_mlp(request: AllocationRequest, sensitivity: SensitivityView | None
     mid = middle_layers(request.n_layers, 2)
     req = request.with_protected(mid)
     req.check_feasible("mlp", why=f" (mlp keeps the middle layers {list(mid)} whole)")
-    b = uniform(req.n_layers, req.context_len, req.rho, protected=req.protected, min_tokens=req.floor)
+    b = uniform(req.n_layers, req.context_len, req.ratio, protected=req.protected, min_tokens=req.floor)
     return Budgets(b.tokens, b.context_len, b.ratio, "mlp", b.protected)

@@ -1,6 +1,6 @@
 """Optimal: minimise the summed predicted degradation ``sum_l d_l(B_l)`` under the exact global budget.
 
-Not in the paper (design brief, "Allocation"). Inputs are the measured single-layer curves d_l(r) of a
+Not in the paper: an addition of depthkv. Inputs are the measured single-layer curves d_l(r) of a
 calibration profile; the paper's premise is that single-layer sensitivities add up well enough to rank
 allocations.
 
@@ -24,7 +24,7 @@ the gains are constant along each segment, so the greedy runs over segments, not
 hull segments)) and fills ties level by level, so the cost does not grow with N * L (L ~ 80 and
 N ~ 128k take a few milliseconds). A DP over tokens would be
 O(L * N * T) and far too big; an LP on the same hull gives the same optimum but fractional budgets.
-Because the allocation for T tokens is a prefix of one fixed order of all units, a larger rho never
+Because the allocation for T tokens is a prefix of one fixed order of all units, a larger ratio never
 gives any layer more tokens. Ties (equal gains, e.g. identical or flat curves) are spread evenly.
 """
 

@@ -1,6 +1,6 @@
 """Proportional-to-measured: tokens kept in proportion to each layer's measured sensitivity.
 
-Not in the paper (design brief, "Allocation": "proportional-to-measured"). The sensitivity of layer l is
+Not in the paper: depthkv's "proportional-to-measured" baseline. The sensitivity of layer l is
 its measured degradation at one probe ratio (default: the largest, where layers differ most),
 ``d_l = max(d_l(r), 0)`` (negative values are noise). Weights are ``d_l + floor * mean(d)``: the floor
 keeps insensitive layers from being starved; with no measured sensitivity at all the split is uniform.
@@ -39,7 +39,7 @@ def allocate_proportional(
 
     Kept tokens are apportioned by the bounded divisor method on ``[min_tokens, N]``: layers that would
     exceed N keep N and their excess goes to the others in proportion to their weights; the sum is exact
-    and every layer's budget is monotone in rho.
+    and every layer's budget is monotone in ratio.
     """
     d = sensitivity.require("degradation", "proportional")
     col = sensitivity.ratio_index(probe_ratio)

@@ -38,7 +38,7 @@ def allocate_pyramid(
     ``B_bottom = 2 T / L' - B_top`` (``T`` = tokens for the free layers), so ``sum B_i = T``.
     Budgets are clipped to ``[min_tokens, N]``; the clipped excess goes to the unclipped layers in
     proportion to the pyramid shape (bounded divisor method, see ``apportion``), which keeps the sum
-    exact and makes every layer's budget monotone in rho. (PyramidKV's code, when the bottom layer would
+    exact and makes every layer's budget monotone in ratio. (PyramidKV's code, when the bottom layer would
     exceed the context, flattens the slope instead; both give the same budgets when nothing is clipped.)
     """
     beta = float(beta)

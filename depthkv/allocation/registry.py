@@ -1,18 +1,23 @@
 """Registry of allocators: one name -> one function that splits the global KV budget across layers.
 
     from depthkv.allocation import allocate
-    b = allocate("mga", n_layers=32, context_len=8192, rho=0.6, sensitivity=view, protected=(0,))
+    b = allocate("mga", n_layers=32, context_len=8192, ratio=0.6, sensitivity=view, protected=(0,))
 
 Every allocator receives a validated ``AllocationRequest`` (exact global total, protected and free layers,
-token floor) and returns ``Budgets`` whose sum is exactly ``round(L * N * (1 - rho))``, every entry in
+token floor) and returns ``Budgets`` whose sum is exactly ``round(L * N * (1 - ratio))``, every entry in
 ``[min(min_tokens, N), N]``, protected layers at ``N`` -- or raises ``BudgetError`` saying why the
 request cannot be met.
+
+What an allocator reads beyond the request is declared when it is registered (``needs``): parts of a
+calibration profile's ``SensitivityView`` ("degradation", "metric"), measured once per model, and/or
+"scores", the per-layer token scores of the current input (input-adaptive allocation, where budgets
+depend on the prompt at hand). ``allocate`` hands each allocator exactly what it declared.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +29,11 @@ from depthkv.allocation.sensitivity import SensitivityError, SensitivityView
 
 
 class AllocatorError(ValueError):
-    """A misconfigured allocation call: unknown allocator or option, missing sensitivity."""
+    """A misconfigured allocation call: unknown allocator or option, missing sensitivity or scores."""
+
+
+SENSITIVITY_NEEDS = ("degradation", "metric")  # parts of a SensitivityView (from a calibration profile)
+INPUT_NEEDS = ("scores",)  # token scores of the current input, one entry per layer
 
 
 @dataclass(frozen=True)
@@ -38,7 +47,7 @@ class AllocationRequest:
 
     n_layers: int
     context_len: int
-    rho: float
+    ratio: float
     total: int
     protected: tuple[int, ...]
     floor: int
@@ -55,7 +64,7 @@ class AllocationRequest:
 
     def with_protected(self, more: Iterable[int]) -> AllocationRequest:
         prot = tuple(sorted(set(self.protected) | {int(p) for p in more}))
-        return AllocationRequest(self.n_layers, self.context_len, self.rho, self.total, prot, self.floor)
+        return AllocationRequest(self.n_layers, self.context_len, self.ratio, self.total, prot, self.floor)
 
     def check_feasible(self, strategy: str, lo: int | None = None, why: str = "") -> int:
         """Raise unless the free layers can hold ``rest`` tokens with each in [lo, N]; return ``lo``."""
@@ -65,7 +74,7 @@ class AllocationRequest:
             if self.rest != 0:
                 raise BudgetError(
                     f"{strategy}: all {self.n_layers} layers are protected ({list(self.protected)}), so nothing "
-                    f"can be pruned, but ratio {self.rho} asks to remove {-self.rest} of "
+                    f"can be pruned, but ratio {self.ratio} asks to remove {-self.rest} of "
                     f"{self.n_layers * self.context_len} KV pairs"
                 )
             return lo
@@ -73,7 +82,7 @@ class AllocationRequest:
             most = n_free * (self.context_len - lo)
             reach = most / (self.n_layers * self.context_len)
             raise BudgetError(
-                f"{strategy}: ratio {self.rho} on a {self.context_len}-token context leaves {self.rest} tokens for "
+                f"{strategy}: ratio {self.ratio} on a {self.context_len}-token context leaves {self.rest} tokens for "
                 f"{n_free} pruned layers, but each must keep at least {lo}{why}; protected layers "
                 f"{list(self.protected)} keep all {self.context_len}. The maximum reachable ratio here is "
                 f"{reach:.4f}"
@@ -95,7 +104,7 @@ class AllocationRequest:
                 f"{strategy}: internal error, budgets sum to {sum(tokens)} instead of {self.total}"
             )
         prot = self.protected if protected is None else tuple(protected)
-        return Budgets(tuple(tokens), self.context_len, self.rho, strategy, prot)
+        return Budgets(tuple(tokens), self.context_len, self.ratio, strategy, prot)
 
 
 def _as_index(x: Any, what: str) -> int:
@@ -105,7 +114,7 @@ def _as_index(x: Any, what: str) -> int:
 
 
 def make_request(
-    n_layers: int, context_len: int, rho: float, *, protected: Iterable[int] = (), min_tokens: int = 1
+    n_layers: int, context_len: int, ratio: float, *, protected: Iterable[int] = (), min_tokens: int = 1
 ) -> AllocationRequest:
     """Validate the common inputs of every allocator."""
     n_layers = _as_index(n_layers, "n_layers")
@@ -117,7 +126,7 @@ def make_request(
         raise BudgetError(f"context length must be >= 1, got {context_len}")
     if min_tokens < 1:
         raise BudgetError(f"min_tokens must be >= 1 (a layer never keeps zero tokens), got {min_tokens}")
-    rho = check_ratio(rho)
+    ratio = check_ratio(ratio)
     if isinstance(protected, (int, np.integer)):
         protected = (protected,)
     prot = sorted({_as_index(p, "a protected layer") for p in protected})
@@ -126,8 +135,34 @@ def make_request(
             raise BudgetError(
                 f"protected layer {p} does not exist (model has {n_layers} layers, 0..{n_layers - 1})"
             )
-    total = global_budget(n_layers, context_len, rho)
-    return AllocationRequest(n_layers, context_len, rho, total, tuple(prot), min(min_tokens, context_len))
+    total = global_budget(n_layers, context_len, ratio)
+    return AllocationRequest(n_layers, context_len, ratio, total, tuple(prot), min(min_tokens, context_len))
+
+
+def check_scores(scores: Sequence[Any], n_layers: int, context_len: int, strategy: str) -> None:
+    """Raise AllocatorError unless ``scores`` holds one score array per layer over ``context_len`` tokens.
+
+    Each entry is whatever the engine's scorers produce for one layer (a ``[batch, kv_heads, N]`` tensor)
+    or any array-like with a ``shape`` whose last axis is the context; allocation only checks the layout.
+    """
+    try:
+        n = len(scores)
+    except TypeError:
+        raise AllocatorError(
+            f"allocator {strategy!r}: scores must be a sequence with one entry per layer, got "
+            f"{type(scores).__name__}"
+        ) from None
+    if n != n_layers:
+        raise AllocatorError(f"allocator {strategy!r}: scores cover {n} layers, the request {n_layers}")
+    for i, s in enumerate(scores):
+        shape = getattr(s, "shape", None)
+        if s is None or shape is None or len(shape) < 1:
+            raise AllocatorError(f"allocator {strategy!r}: scores of layer {i} are missing or not an array")
+        if int(shape[-1]) != context_len:
+            raise AllocatorError(
+                f"allocator {strategy!r}: scores of layer {i} cover {int(shape[-1])} tokens, the context "
+                f"{context_len}"
+            )
 
 
 AllocatorFn = Callable[..., Budgets]
@@ -135,7 +170,7 @@ AllocatorFn = Callable[..., Budgets]
 
 @dataclass(frozen=True)
 class AllocatorSpec:
-    """A registered allocator: its function, what sensitivity it needs, and its options with defaults."""
+    """A registered allocator: its function, what it reads (``needs``) and its options with defaults."""
 
     name: str
     fn: AllocatorFn
@@ -143,9 +178,26 @@ class AllocatorSpec:
     options: dict[str, Any] = field(default_factory=dict)
     summary: str = ""
 
+    @property
+    def sensitivity_needs(self) -> tuple[str, ...]:
+        """Parts of a SensitivityView (a calibration profile) this allocator reads."""
+        return tuple(n for n in self.needs if n in SENSITIVITY_NEEDS)
+
+    @property
+    def needs_scores(self) -> bool:
+        """True for an input-adaptive allocator: it reads the current input's token scores."""
+        return "scores" in self.needs
+
     def __call__(
-        self, request: AllocationRequest, sensitivity: SensitivityView | None = None, **options
+        self,
+        request: AllocationRequest,
+        sensitivity: SensitivityView | None = None,
+        *,
+        scores: Sequence[Any] | None = None,
+        **options,
     ) -> Budgets:
+        if self.needs_scores:
+            return self.fn(request, sensitivity, scores=scores, **options)
         return self.fn(request, sensitivity, **options)
 
 
@@ -155,20 +207,23 @@ ALLOCATORS: dict[str, AllocatorSpec] = {}
 def register_allocator(name: str, *, needs: Sequence[str] = ()) -> Callable[[AllocatorFn], AllocatorFn]:
     """Register ``fn(request, sensitivity, **options) -> Budgets`` under ``name``.
 
-    ``needs``: parts of the SensitivityView the allocator reads ("degradation", "metric"). Options are the
-    function's keyword-only parameters; their defaults are recorded in the spec.
+    ``needs``: what the allocator reads besides the request: parts of the SensitivityView ("degradation",
+    "metric") and/or "scores", the current input's per-layer token scores, which it then receives as the
+    keyword-only argument ``scores`` (``fn(request, sensitivity, *, scores, **options)``). Options are the
+    function's other keyword-only parameters; their defaults are recorded in the spec.
     """
     for n in needs:
-        if n not in ("degradation", "metric"):
-            raise ValueError(f"unknown sensitivity need {n!r}")
+        if n not in SENSITIVITY_NEEDS + INPUT_NEEDS:
+            raise ValueError(f"unknown need {n!r}; known: {', '.join(SENSITIVITY_NEEDS + INPUT_NEEDS)}")
 
     def deco(fn: AllocatorFn) -> AllocatorFn:
         if name in ALLOCATORS:
             raise ValueError(f"allocator {name!r} is already registered")
         sig = inspect.signature(fn)
-        opts = {
-            p.name: p.default for p in sig.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY
-        }
+        kw_only = [p for p in sig.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        if "scores" in needs and not any(p.name == "scores" for p in kw_only):
+            raise ValueError(f"allocator {name!r} needs scores: give it a keyword-only parameter 'scores'")
+        opts = {p.name: p.default for p in kw_only if not (p.name == "scores" and "scores" in needs)}
         doc = inspect.getdoc(fn) or ""
         ALLOCATORS[name] = AllocatorSpec(name, fn, tuple(needs), opts, doc.splitlines()[0] if doc else "")
         return fn
@@ -190,53 +245,69 @@ def get_allocator(name: str) -> AllocatorSpec:
         ) from None
 
 
-def allocate(
-    strategy: str,
-    n_layers: int,
-    context_len: int,
-    rho: float,
-    *,
-    sensitivity: SensitivityView | None = None,
-    protected: Iterable[int] = (),
-    min_tokens: int = 1,
-    **options: Any,
-) -> Budgets:
-    """Tokens kept per layer for ``strategy`` at global pruning ratio ``rho`` on a ``context_len`` context.
-
-    The sum is exactly ``round(n_layers * context_len * (1 - rho))``; ``protected`` layers keep all
-    ``context_len`` tokens; every other layer keeps at least ``min(min_tokens, context_len)``.
-    Raises AllocatorError for an unknown strategy/option or missing sensitivity, BudgetError for a
-    request that cannot be met exactly.
-    """
-    spec = get_allocator(strategy)
+def check_options(spec: AllocatorSpec, options: Mapping[str, Any]) -> None:
+    """Raise AllocatorError naming the allowed options if ``options`` has one ``spec`` does not take."""
     unknown = sorted(set(options) - set(spec.options))
     if unknown:
         allowed = ", ".join(f"{k}={v!r}" for k, v in spec.options.items()) or "none"
         raise AllocatorError(
-            f"allocator {strategy!r} has no option {', '.join(unknown)}; its options: {allowed}"
+            f"allocator {spec.name!r} has no option {', '.join(unknown)}; its options: {allowed}"
         )
-    request = make_request(n_layers, context_len, rho, protected=protected, min_tokens=min_tokens)
-    if spec.needs:
+
+
+def allocate(
+    strategy: str,
+    n_layers: int,
+    context_len: int,
+    ratio: float,
+    *,
+    sensitivity: SensitivityView | None = None,
+    protected: Iterable[int] = (),
+    min_tokens: int = 1,
+    scores: Sequence[Any] | None = None,
+    **options: Any,
+) -> Budgets:
+    """Tokens kept per layer for ``strategy`` at global pruning ``ratio`` on a ``context_len`` context.
+
+    The sum is exactly ``round(n_layers * context_len * (1 - ratio))``; ``protected`` layers keep all
+    ``context_len`` tokens; every other layer keeps at least ``min(min_tokens, context_len)``.
+    ``scores`` (the current input's token scores, one ``[..., context_len]`` array per layer) reach only
+    allocators registered with ``needs=("scores",)``; the others ignore them.
+    Raises AllocatorError for an unknown strategy/option or missing sensitivity/scores, BudgetError for a
+    request that cannot be met exactly.
+    """
+    spec = get_allocator(strategy)
+    check_options(spec, options)
+    request = make_request(n_layers, context_len, ratio, protected=protected, min_tokens=min_tokens)
+    parts = spec.sensitivity_needs
+    if parts:
         if sensitivity is None:
             raise AllocatorError(
-                f"allocator {strategy!r} needs a sensitivity view with {' and '.join(spec.needs)} "
+                f"allocator {strategy!r} needs a sensitivity view with {' and '.join(parts)} "
                 f"(from a calibration profile); none was given"
             )
         if not isinstance(sensitivity, SensitivityView):
             raise AllocatorError(f"sensitivity must be a SensitivityView, got {type(sensitivity).__name__}")
+    if spec.needs_scores:
+        if scores is None:
+            raise AllocatorError(
+                f"allocator {strategy!r} adapts to the input: it needs the token scores of the current "
+                "context (scores=, one array per layer); none were given"
+            )
+        check_scores(scores, request.n_layers, request.context_len, strategy)
     try:
-        if spec.needs:
+        if parts:
             sensitivity.check_layers(request.n_layers)
-            for need in spec.needs:
+            for need in parts:
                 sensitivity.require(need, strategy)
-        return spec(request, sensitivity, **options)
+        return spec(request, sensitivity, scores=scores, **options)
     except SensitivityError as exc:  # a view that does not fit this request: a configuration error
         raise AllocatorError(str(exc)) from exc
 
 
 @register_allocator("uniform")
 def _uniform(request: AllocationRequest, sensitivity: SensitivityView | None = None) -> Budgets:
-    """Uniform: every unprotected layer pruned to rho (baseline of the paper, H2O-style).
+    """Uniform: every unprotected layer pruned to ratio (baseline of the paper, H2O-style).
 
     Wraps ``budgets.uniform``: the free layers share the rest as evenly as integers allow (the first
     layers get the +1s), which is monotone in the total.
@@ -245,7 +316,7 @@ def _uniform(request: AllocationRequest, sensitivity: SensitivityView | None = N
     return uniform_budgets(
         request.n_layers,
         request.context_len,
-        request.rho,
+        request.ratio,
         protected=request.protected,
         min_tokens=request.floor,
     )

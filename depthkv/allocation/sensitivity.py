@@ -1,6 +1,6 @@
 """What an allocator may read from a calibration profile: per-layer sensitivity curves and metrics.
 
-A calibration run (design brief, "Calibration") prunes one layer at a time to each probe ratio and
+A calibration run (``depthkv calibrate``) prunes one layer at a time to each probe ratio and
 measures the mean increase of NLL (or KL) on answer tokens; the proxy-metric pass computes, among
 others, the per-layer InfoNCE of the paper. ``SensitivityView`` is the small, validated slice of that
 profile the allocators consume, so that allocation does not depend on the profile's file format.
@@ -8,7 +8,7 @@ profile the allocators consume, so that allocation does not depend on the profil
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,12 +35,15 @@ class SensitivityView:
     ``metric``: optional ``[L]`` array of a per-layer proxy metric, InfoNCE in the paper: a LOWER value
     marks a MORE critical layer.
     Either array may be absent (``None``), not both. Arrays are copied and made read-only.
+    ``refined``: optional ``{ratio: [L] shares}``, per-layer kept shares of the context (``B_l / N``) refined
+    on the joint degradation at that global ratio (``depthkv refine``; read by ``optimal-joint``).
     """
 
     probe_ratios: tuple[float, ...] = ()
     degradation: np.ndarray | None = None
     metric: np.ndarray | None = None
     metric_name: str = "infonce"
+    refined: Mapping[float, Sequence[float]] | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -90,6 +93,32 @@ class SensitivityView:
                     f"{self.metric_name} has {m.size} layers but the degradation curves have {n_layers}"
                 )
             object.__setattr__(self, "metric", _frozen(m))
+        if self.refined is not None:
+            object.__setattr__(self, "refined", self._check_refined(self.refined))
+
+    def _check_refined(self, refined: Mapping[float, Sequence[float]]) -> dict[float, np.ndarray]:
+        out: dict[float, np.ndarray] = {}
+        for key, shares in refined.items():
+            ratio, w = float(key), np.asarray(shares, dtype=np.float64)
+            if not 0.0 < ratio < 1.0:
+                raise SensitivityError(f"refined shares are for ratio {key}, which is outside (0, 1)")
+            if w.shape != (self.n_layers,) or not np.isfinite(w).all() or np.any(w <= 0) or np.any(w > 1):
+                raise SensitivityError(
+                    f"refined shares at ratio {key} must be {self.n_layers} numbers in (0, 1], got shape {w.shape}"
+                )
+            out[ratio] = _frozen(w)
+        return out
+
+    def refined_shares(self, ratio: float, user: str) -> np.ndarray:
+        """The refined per-layer shares at ``ratio``, or a clear error naming the ratios available."""
+        for key, shares in (self.refined or {}).items():
+            if abs(key - float(ratio)) <= 1e-9:
+                return shares
+        have = ", ".join(f"{r:g}" for r in sorted(self.refined or {})) or "none"
+        raise SensitivityError(
+            f"allocator {user!r} has no refined budgets for ratio {float(ratio):g} in this profile (refined "
+            f"ratios: {have}); add them with: depthkv refine --profile PROFILE --model MODEL --ratios {float(ratio):g}"
+        )
 
     @property
     def n_layers(self) -> int:

@@ -1,14 +1,17 @@
 """Measured per-layer sensitivity: prune ONE layer at a time and teacher-force the answer.
 
-Design brief, "Calibration": per sample, one prefill (with every scorer's token scores, via
+Per sample, one prefill (with every scorer's token scores, via
 ``score_prefill``); for each layer l and probe ratio r, layer l alone is pruned to r by top-k + gather on
 those scores and the answer tokens are teacher-forced through the model. Degradation is the increase of the
 answer's mean NLL and the mean KL(full || pruned) of the next-token distributions, compared with the full
 cache. No generation, no second prefill: cost is one prefill plus L x R short forwards per sample, run ``batch`` probes at a time
 and starting at the ablated layer (see ``measure_sensitivity``).
 
-The prefill stops one token before the end of the prompt, so that the *first* answer token is already
-predicted through the pruned cache (the prefill's own logits are computed before any pruning).
+Query-aware items (the question inside the prefill) prefill the prompt minus its last token, so that the
+*first* answer token is already predicted through the pruned cache (the prefill's own logits are computed
+before any pruning). Query-agnostic items (``question_ids`` given) prefill and prune the context part
+alone, then teacher-force question + answer through the pruned cache, as a context compressed before its
+question is known is used; KL and NLL are still measured on the answer tokens only.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from depthkv.engine.runner import ScoredPrefill, cache_kwarg, forward_with_cache, score_prefill
 from depthkv.engine.session import Plan, Protection, Session, kept_indices
+from depthkv.models.layers import decoder_body, decoder_layers
 from depthkv.scorers import Scorer
 
 WINDOW_ONLY = 1.0  # probe ratio meaning "only the protected sinks + recent window left"
@@ -33,11 +37,25 @@ WINDOW_ONLY = 1.0  # probe ratio meaning "only the protected sinks + recent wind
 
 @dataclass
 class CalibrationItem:
-    """One calibration example as token ids: the prompt (context + question) and the answer to force."""
+    """One calibration example as token ids: the prompt, the answer to force and, for the query-agnostic
+    setting, the question part that follows the pruned context (``prompt_ids`` is then the context part)."""
 
-    prompt_ids: torch.Tensor  # [1, P]
+    prompt_ids: torch.Tensor  # [1, P]: context + question (aware) or the context part alone (agnostic)
     answer_ids: torch.Tensor  # [1, T]
     sample_id: str = ""
+    question_ids: torch.Tensor | None = None  # [1, Q]: agnostic only
+
+    def split(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prefix that is prefilled and pruned [1, N], tokens forced through the pruned cache [1, F]); the
+        last T forced positions predict the answer."""
+        if self.question_ids is None:
+            return self.prompt_ids[:, :-1], torch.cat([self.prompt_ids[:, -1:], self.answer_ids[:, :-1]], 1)
+        return self.prompt_ids, torch.cat([self.question_ids, self.answer_ids[:, :-1]], 1)
+
+    @property
+    def context_len(self) -> int:
+        """Tokens in the pruned prefix (what the probe ratios refer to)."""
+        return int(self.prompt_ids.shape[1]) - (1 if self.question_ids is None else 0)
 
 
 @dataclass
@@ -84,7 +102,7 @@ def layers_from(model: nn.Module, start: int):
     the reference pass instead of being recomputed (halves the cost on average). Models that mix attention
     types per layer (sliding windows) index masks by position in the loop, so they always run all layers.
     """
-    inner = model.model
+    inner = decoder_body(model)
     layers = inner.layers
     types = set(getattr(model.config, "layer_types", None) or ["full_attention"])
     if start == 0 or len(types) > 1:
@@ -97,16 +115,17 @@ def layers_from(model: nn.Module, start: int):
         inner.layers = layers
 
 
-def _layer_inputs(model: nn.Module, forced: torch.Tensor, cache: DynamicCache):
-    """Reference forward of the forced tokens: (logits, hidden state entering every decoder layer)."""
+def _layer_inputs(model: nn.Module, forced: torch.Tensor, cache: DynamicCache, n_logits: int | None = None):
+    """Reference forward of the forced tokens: (logits of the last ``n_logits`` (default all), hidden state
+    entering every decoder layer)."""
     inputs: list[torch.Tensor] = []
 
     def grab(module, args, kwargs):
         inputs.append(args[0] if args else kwargs["hidden_states"])
 
-    handles = [layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in model.model.layers]
+    handles = [layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in decoder_layers(model)]
     try:
-        logits = forward_with_cache(model, forced, cache, logits_to_keep=forced.shape[1])
+        logits = forward_with_cache(model, forced, cache, logits_to_keep=n_logits or forced.shape[1])
     finally:
         for h in handles:
             h.remove()
@@ -150,7 +169,7 @@ def measure_sensitivity(
         raise ValueError(f"probe ratios must lie in (0, 1] (1 = protected window only), got {ratios}")
     if batch < 1:
         raise ValueError(f"probe batch must be >= 1, got {batch}")
-    n_layers = len(getattr(model.model, "layers", []))
+    n_layers = len(decoder_layers(model))
     s_count = len(items)
     nll_delta = np.zeros((s_count, n_layers, len(ratios)))
     kl = np.zeros_like(nll_delta)
@@ -159,13 +178,14 @@ def measure_sensitivity(
     t0 = time.perf_counter()
     probes = [(layer_idx, r_idx) for layer_idx in range(n_layers) for r_idx in range(len(ratios))]
     total, done = s_count * len(probes), 0
+    device = next(model.parameters()).device
     for s, item in enumerate(items):
-        prefix, forced = item.prompt_ids[:, :-1], torch.cat([item.prompt_ids[:, -1:], item.answer_ids[:, :-1]], 1)
-        targets = item.answer_ids
+        prefix, forced = (t.to(device) for t in item.split())  # no-op when the items are already there
+        targets = item.answer_ids.to(device)
         sp = score_prefill(model, prefix, [scorer], protection)
         n = prefix.shape[1]
         lens.append(n)
-        ref_logits, hidden_in = _layer_inputs(model, forced, shared_cache(sp.cache))
+        ref_logits, hidden_in = _layer_inputs(model, forced, shared_cache(sp.cache), targets.shape[1])
         ref_nll, ref_logp = _answer_stats(ref_logits, targets)
         full_nll[s] = ref_nll.item()
         budgets = [probe_budget(r, n, protection) for r in ratios]
@@ -182,7 +202,7 @@ def measure_sensitivity(
                 session.set_plan(Plan(kind="ablate", key_masks=masks))
                 with layers_from(model, chunk[0][0]) as start:
                     embeds = hidden_in[start].expand(rows, -1, -1)
-                    out = model(inputs_embeds=embeds, use_cache=True, logits_to_keep=forced.shape[1],
+                    out = model(inputs_embeds=embeds, use_cache=True, logits_to_keep=targets.shape[1],
                                 **{cache_kwarg(model): shared_cache(sp.cache, rows)})
                 nll, logp = _answer_stats(out.logits, targets)
                 kls = (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean(-1)

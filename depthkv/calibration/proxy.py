@@ -14,8 +14,9 @@ metric                per sample                                           input
 ``infonce``           InfoNCE of (original, perturbed) vs other originals  both forwards, batch
 ====================  ===================================================  ====================
 
-then the mean over samples with a percentile bootstrap CI (default 1,000 resamples, 95 %). The same
-bootstrap resamples are used for every metric, stage and layer (paired).
+then the mean over samples with a percentile bootstrap CI (default 1,000 resamples, 95 %;
+:func:`depthkv.calibration.stats.bootstrap_ci`, NaN-aware). The same bootstrap resamples are used for every
+metric, stage and layer (paired).
 
 Choices the paper leaves open, and what this module does:
 
@@ -62,11 +63,12 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from scipy import stats as _sps
 from torch import nn
 
 from depthkv.calibration.metrics import DEFAULT_KNN, DEFAULT_TAU, _infonce_t, token_metrics_batch
-from depthkv.calibration.stages import STAGES, capture_stages, find_decoder_body, find_decoder_layers
+from depthkv.calibration.stages import STAGES, capture_stages
+from depthkv.calibration.stats import bootstrap_ci, spearman
+from depthkv.models.layers import decoder_body
 
 __all__ = [
     "DEFAULT_INFONCE_STAGE",
@@ -74,7 +76,6 @@ __all__ = [
     "ProxyResult",
     "SpearmanRow",
     "best_proxy",
-    "bootstrap_mean_ci",
     "compute_proxy_metrics",
     "infonce_per_layer",
     "spearman_table",
@@ -167,46 +168,6 @@ class ProxyResult:
             per_sample=_dec_table(d.get("per_sample", {})),
             config=dict(d.get("config", {})),
         )
-
-
-# ---------------------------------------------------------------------------------------------------------
-# bootstrap
-# ---------------------------------------------------------------------------------------------------------
-
-
-def bootstrap_mean_ci(
-    values: np.ndarray, *, n_boot: int = 1000, ci: float = 0.95, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean over axis 0 of ``values`` [N, ...] with a percentile bootstrap CI over the N samples.
-
-    NaN-aware (a NaN sample is left out of the means it would enter). One set of ``n_boot`` resamples is
-    used for every trailing entry, so the CIs of different columns are paired. Returns (mean, lo, hi) of
-    shape ``values.shape[1:]``; with ``n_boot == 0`` lo and hi are NaN.
-    """
-    v = np.asarray(values, dtype=np.float64)
-    if v.ndim < 1 or v.shape[0] == 0:
-        raise ValueError("need at least one sample")
-    if not 0 < ci < 1:
-        raise ValueError(f"ci must be in (0, 1), got {ci}")
-    n, rest = v.shape[0], v.shape[1:]
-    flat = v.reshape(n, -1)
-    finite = np.isfinite(flat)
-    v0 = np.where(finite, flat, 0.0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = v0.sum(0) / finite.sum(0)
-        if n_boot <= 0:
-            nan = np.full(flat.shape[1], np.nan)
-            return mean.reshape(rest), nan.reshape(rest), nan.reshape(rest)
-        rng = np.random.default_rng([seed, 3])
-        draws = rng.integers(0, n, size=(n_boot, n))
-        w = np.zeros((n_boot, n))
-        np.add.at(w, (np.repeat(np.arange(n_boot), n), draws.ravel()), 1.0)
-        boot = (w @ v0) / (w @ finite.astype(np.float64))  # [n_boot, K]
-    alpha = (1.0 - ci) / 2.0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns
-        lo, hi = np.nanpercentile(boot, [100 * alpha, 100 * (1 - alpha)], axis=0)
-    return mean.reshape(rest), lo.reshape(rest), hi.reshape(rest)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -368,8 +329,8 @@ def compute_proxy_metrics(
 
     orig, pert = _encode(model, tokenizer_or_none, texts, dropout, seed, max_length)
     n = len(orig)
-    n_layers = len(find_decoder_layers(model))
-    body = find_decoder_body(model)
+    body = decoder_body(model)
+    n_layers = len(body.layers)
     device = next(model.parameters()).device
     pad_id = 0
 
@@ -423,7 +384,13 @@ def compute_proxy_metrics(
         per_sample["infonce"][s] = nce
 
     stacked = np.stack([np.stack([per_sample[m][s] for s in STAGES], 1) for m in METRICS], 1)  # [N, M, S, L]
-    mean, lo, hi = bootstrap_mean_ci(stacked, n_boot=n_boot, ci=ci, seed=seed)
+    if n_boot > 0:
+        mean, lo, hi = bootstrap_ci(stacked, n_boot=n_boot, level=ci, seed=seed, nan_policy="omit")
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns
+            mean = np.nanmean(stacked, axis=0)
+        lo = hi = np.full_like(mean, np.nan)
 
     def tab(arr: np.ndarray) -> Table:
         return {m: {s: arr[mi, si].copy() for si, s in enumerate(STAGES)} for mi, m in enumerate(METRICS)}
@@ -470,15 +437,6 @@ class SpearmanRow(NamedTuple):
     p: float
 
 
-def _spearman(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    ok = np.isfinite(x) & np.isfinite(y)
-    x, y = x[ok], y[ok]
-    if x.size < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return float("nan"), float("nan")
-    res = _sps.spearmanr(x, y)
-    return float(res[0]), float(res[1])
-
-
 def spearman_table(
     result: ProxyResult,
     sensitivity: np.ndarray,
@@ -496,7 +454,7 @@ def spearman_table(
     rows = []
     for m in metrics or result.metrics:
         for s in stages or result.stages:
-            rho, p = _spearman(np.asarray(result.mean[m][s], dtype=np.float64), sens)
+            rho, p = spearman(result.mean[m][s], sens, min_pairs=3)
             rows.append(SpearmanRow(m, s, rho, p))
     return rows
 

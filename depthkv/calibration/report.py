@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from depthkv.extras import pyplot
+
 
 def print_summary(profile, metric: str = "kl") -> None:
     """Per-layer sensitivity with 95 % CIs, the permutation tests and the best proxy metric."""
@@ -35,18 +37,9 @@ def print_summary(profile, metric: str = "kl") -> None:
     console.print(f"calibration time: {d['timings']['total_s']:.1f} s")
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_sensitivity(profile, folder: str | Path, metric: str = "kl") -> Path:
     """One line per probe ratio: mean degradation per layer with its 95 % CI band."""
-    plt = _plt()
+    plt = pyplot()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     d = profile.data
@@ -73,7 +66,7 @@ def plot_sensitivity(profile, folder: str | Path, metric: str = "kl") -> Path:
 
 def plot_allocation(budgets, uniform_budgets, path: str | Path, profile=None) -> Path:
     """Bars: tokens kept per layer by the chosen allocator beside uniform."""
-    plt = _plt()
+    plt = pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     layers = np.arange(budgets.n_layers)

@@ -14,9 +14,10 @@ import torch
 from tqdm.auto import tqdm
 
 import depthkv
+from depthkv.allocation.profile import KIND, SCHEMA_VERSION, Profile
 from depthkv.calibration.ablation import CalibrationItem, measure_sensitivity
-from depthkv.calibration.profile import KIND, SCHEMA_VERSION, Profile
 from depthkv.calibration.stats import bootstrap_ci, permutation_test
+from depthkv.engine.press import bind_scorer
 from depthkv.engine.session import Protection
 from depthkv.scorers import get_scorer
 
@@ -28,6 +29,7 @@ class CalibrationConfig:
     """What to calibrate on and how; defaults documented in docs/calibration.md."""
 
     scorer: str = "snapkv"
+    setting: str = "aware"  # aware: question inside the pruned prefill; agnostic: context pruned before it
     probe_ratios: Sequence[float] = DEFAULT_PROBES
     samples: int = 32
     context_tokens: int = 1024
@@ -42,17 +44,25 @@ class CalibrationConfig:
     max_answer_tokens: int = 32
     probe_batch: int = 8  # probes per batched forward (speed only; results equal up to float rounding)
     scorer_options: dict = field(default_factory=dict)
+    refine_ratios: Sequence[float] = ()  # after the profile: refine the optimal budgets jointly at these ratios
+    refine_rounds: int = 4
 
 
-def _answer_ids(tokenizer, answer: str, limit: int) -> torch.Tensor:
+def _answer_ids(tokenizer, answer: str, limit: int, device=None) -> torch.Tensor:
     ids = tokenizer(" " + answer.strip() if answer.strip() else answer, add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
     ids = list(ids)[:limit] + ([eos] if eos is not None else [])
-    return torch.tensor([ids], dtype=torch.long)
+    return torch.tensor([ids], dtype=torch.long, device=device)
 
 
-def load_items(tokenizer, cfg: CalibrationConfig) -> tuple[list[CalibrationItem], dict]:
-    """Calibration items (split="calib", disjoint from every evaluation sample) and their description."""
+def load_items(tokenizer, cfg: CalibrationConfig, device=None) -> tuple[list[CalibrationItem], dict]:
+    """Calibration items (split="calib", disjoint from every evaluation sample) and their description.
+
+    The items' token tensors are on ``device`` (the model's); the data hash is the same on every device.
+
+    ``cfg.setting`` decides the split of each prompt: "aware" items prefill context + question, "agnostic"
+    items only the context part (``build_prompt(..., question_in_prefill=False)``), the question follows.
+    """
     from depthkv.tasks import calibration_mix, generate
     from depthkv.tasks.jsonl import load_jsonl
     from depthkv.tasks.prompt import build_prompt, token_counter
@@ -68,22 +78,39 @@ def load_items(tokenizer, cfg: CalibrationConfig) -> tuple[list[CalibrationItem]
     samples = [s for s in samples if s.answer.strip()]
     if not samples:
         raise ValueError(f"calibration data {cfg.data!r} gave no samples with an answer to teacher-force")
+    aware = _check_setting(cfg.setting) == "aware"
     items, digest = [], hashlib.sha256()
     for s in samples:
-        ctx, question = build_prompt(tokenizer, s, question_in_prefill=True)
-        prompt = torch.tensor([list(ctx) + list(question)], dtype=torch.long)
+        ctx, question = build_prompt(tokenizer, s, question_in_prefill=aware)
         answer = _answer_ids(tokenizer, s.answer, cfg.max_answer_tokens)
-        digest.update(prompt.numpy().tobytes())
-        digest.update(answer.numpy().tobytes())
-        items.append(CalibrationItem(prompt, answer, s.id))
+        if aware:
+            prompt, q_ids = torch.tensor([list(ctx) + list(question)], dtype=torch.long), None
+        else:
+            prompt = torch.tensor([list(ctx)], dtype=torch.long)
+            q_ids = torch.tensor([list(question)], dtype=torch.long)
+            digest.update(b"agnostic")
+        for part in (prompt, q_ids, answer):
+            if part is not None:
+                digest.update(part.numpy().tobytes())
+        items.append(CalibrationItem(prompt.to(device), answer.to(device), s.id,
+                                     None if q_ids is None else q_ids.to(device)))
     desc = {
         "description": f"{cfg.data} ({'mixed families' if cfg.data == 'mix' else 'single source'}), split calib, "
                        f"~{cfg.context_tokens} context tokens, seed {cfg.seed}",
         "sha256": digest.hexdigest(), "n_samples": len(items),
         "tasks": sorted({s.task for s in samples}), "sample_ids": [s.id for s in samples],
-        "prompt_tokens": [int(i.prompt_ids.shape[1]) for i in items],
+        "prompt_tokens": [int(i.prompt_ids.shape[1]) + (0 if i.question_ids is None else i.question_ids.shape[1])
+                          for i in items],
     }
     return items, desc
+
+
+def _check_setting(setting: str) -> str:
+    from depthkv.allocation.profile import SETTINGS
+
+    if setting not in SETTINGS:
+        raise ValueError(f"unknown calibration setting {setting!r}; choose one of: {', '.join(SETTINGS)}")
+    return setting
 
 
 def _curves(values: np.ndarray, n_boot: int, seed: int) -> dict:
@@ -97,10 +124,18 @@ def calibrate(lm, cfg: CalibrationConfig, *, progress: bool = True) -> Profile:
 
     t_start = time.perf_counter()
     model, tok = lm.model, lm.tokenizer
-    scorer = get_scorer(cfg.scorer, **cfg.scorer_options)
+    _check_setting(cfg.setting)
+    # question-independent scorers work too; KVzip needs the tokenizer for its repeat prompt
+    scorer = bind_scorer(get_scorer(cfg.scorer, **cfg.scorer_options), model, tok)
     protection = Protection(cfg.n_sink, cfg.n_recent)
     torch.manual_seed(cfg.seed)
-    items, data_desc = load_items(tok, cfg)
+    items, data_desc = load_items(tok, cfg, next(model.parameters()).device)
+    if cfg.refine_ratios:  # an infeasible ratio fails now, not after the ablation
+        from depthkv.calibration.refine import check_ratios
+        from depthkv.models.layers import decoder_layers
+
+        check_ratios(len(decoder_layers(model)), [i.context_len for i in items],
+                     cfg.refine_ratios, max(1, protection.size))
     bar = tqdm(total=1, desc="calibrate (layer x ratio probes)", unit="probe", disable=not progress, mininterval=2.0)
 
     def tick(done: int, total: int) -> None:
@@ -142,6 +177,7 @@ def calibrate(lm, cfg: CalibrationConfig, *, progress: bool = True) -> Profile:
         "package_version": depthkv.__version__, "seed": cfg.seed,
         "model": model_identity(model, lm.name),
         "scorer": {"name": scorer.name, "repr": repr(scorer), "options": cfg.scorer_options},
+        "setting": cfg.setting,
         "protection": {"n_sink": cfg.n_sink, "n_recent": cfg.n_recent},
         "probe_ratios": list(res.probe_ratios),
         "curves": {"kl": _curves(res.kl, cfg.n_boot, cfg.seed), "nll": _curves(res.nll_delta, cfg.n_boot, cfg.seed)},
@@ -154,7 +190,15 @@ def calibrate(lm, cfg: CalibrationConfig, *, progress: bool = True) -> Profile:
         "timings": {"ablation_s": round(res.seconds, 2), "proxy_s": round(t_end - t_proxy, 2),
                     "total_s": round(t_end - t_start, 2)},
     }
-    return Profile(data)
+    profile = Profile(data)
+    if cfg.refine_ratios:
+        from depthkv.calibration.refine import RefineConfig, refine_profile
+
+        refine_profile(profile, model, items, cfg.refine_ratios,
+                       RefineConfig(rounds=cfg.refine_rounds, batch=cfg.probe_batch),
+                       data={"sha256": data_desc["sha256"], "sample_ids": data_desc["sample_ids"]},
+                       progress=progress)
+    return profile
 
 
 def _rows(rows) -> list[dict]:

@@ -43,13 +43,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from depthkv.models.layers import decoder_layers
+
 __all__ = [
     "STAGES",
     "STAGE_DESCRIPTIONS",
     "StageCapture",
     "capture_stages",
-    "find_decoder_body",
-    "find_decoder_layers",
     "stage_hook_points",
 ]
 
@@ -66,32 +66,6 @@ _LLAMA_PARTS = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm
 
 def _is_decoder_layer(m: nn.Module) -> bool:
     return all(isinstance(getattr(m, p, None), nn.Module) for p in _LLAMA_PARTS)
-
-
-def _find_layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    best: tuple[str, nn.ModuleList] | None = None
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and all(_is_decoder_layer(c) for c in mod):
-            if best is None or len(mod) > len(best[1]):
-                best = (name, mod)
-    if best is None:
-        raise ValueError(
-            "no llama-style decoder layers found (a ModuleList of layers with self_attn, mlp, "
-            "input_layernorm and post_attention_layernorm)"
-        )
-    return best
-
-
-def find_decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The model's decoder layers (the longest ModuleList of llama-style layers, e.g. ``model.layers``)."""
-    return list(_find_layer_list(model)[1])
-
-
-def find_decoder_body(model: nn.Module) -> nn.Module:
-    """The module that owns the decoder layers (e.g. ``LlamaModel``): a forward without the LM head."""
-    name, _ = _find_layer_list(model)
-    parent = name.rpartition(".")[0]
-    return model.get_submodule(parent) if parent else model
 
 
 def stage_hook_points(layer: nn.Module) -> dict[str, tuple[nn.Module, str]]:
@@ -170,15 +144,15 @@ class StageCapture:
         self.pooled = {s: {li: {} for li in self.layers} for s in self.stages}
         self.tokens = {s: {li: {} for li in self.layers} for s in self.stages}
 
-    def token_index(self, sample_id: int, n_valid: int) -> torch.Tensor | None:
-        """Sorted indices of the tokens kept for a sample of ``n_valid`` tokens (None = all)."""
+    def token_index(self, sample_id: int, n_valid: int, device=None) -> torch.Tensor | None:
+        """Sorted indices (on ``device``) of the tokens kept for a sample of ``n_valid`` tokens (None = all)."""
         if self.max_tokens is None or n_valid <= self.max_tokens:
             return None
-        key = (sample_id, n_valid)
+        key = (sample_id, n_valid, str(device))
         if key not in self._index_cache:
             rng = np.random.default_rng([self.seed, sample_id, 1])
             idx = np.sort(rng.choice(n_valid, size=self.max_tokens, replace=False))
-            self._index_cache[key] = torch.as_tensor(idx, dtype=torch.long)
+            self._index_cache[key] = torch.as_tensor(idx, dtype=torch.long, device=device)
         return self._index_cache[key]
 
     # -- recording (called by the hooks) ----------------------------------------------------------------
@@ -212,9 +186,9 @@ class StageCapture:
             mats = []
             for row, sid in enumerate(ids):
                 z = x[row] if mask is None else x[row][mask[row]]
-                idx = self.token_index(sid, z.shape[0])
+                idx = self.token_index(sid, z.shape[0], z.device)
                 if idx is not None:
-                    z = z.index_select(0, idx.to(z.device))
+                    z = z.index_select(0, idx)
                 mats.append(z)
             store = self.tokens[stage][layer]
             if self.token_fn is not None:
@@ -266,7 +240,7 @@ def capture_stages(
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stages {unknown}; known: {STAGES}")
-    all_layers = find_decoder_layers(model)
+    all_layers = decoder_layers(model)
     n = len(all_layers)
     idx = list(range(n)) if layers is None else [int(i) for i in layers]
     bad = [i for i in idx if not 0 <= i < n]

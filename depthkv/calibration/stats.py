@@ -2,16 +2,21 @@
 
 - ``permutation_test``: the paper's test of "all layers matter equally" (statistic = variance across
   layers of the per-layer mean; layer labels permuted within each sample; p = (b + 1) / (N_perm + 1)).
-- ``bootstrap_ci`` / ``paired_diff_ci``: percentile bootstrap over samples (the paper uses 1,000 resamples).
-- ``spearman`` / ``pearson``: scipy wrappers that return (nan, nan) instead of warning on constant input.
+- ``bootstrap_ci`` / ``paired_diff_ci``: percentile bootstrap over samples (``scipy.stats.bootstrap``; the
+  paper uses 1,000 resamples), optionally NaN-aware.
+- ``spearman``: a scipy wrapper that returns (nan, nan) instead of warning on constant input.
+
+The one home of these statistics: calibration (curves, proxy metrics) and evaluation (summaries, reports,
+transfer matrices) all call them.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 from scipy import stats as _st
@@ -108,14 +113,22 @@ def bootstrap_ci(
     n_boot: int = 1000,
     level: float = 0.95,
     seed: int | None = 0,
-    stat: Callable[..., np.ndarray] = np.mean,
+    stat: Callable[..., np.ndarray] | None = None,
     axis: int = 0,
+    *,
+    nan_policy: Literal["raise", "omit"] = "raise",
 ) -> CI:
-    """Percentile bootstrap CI of ``stat`` over samples along ``axis``.
+    """Percentile bootstrap CI of ``stat`` (default: the mean) over the samples along ``axis``.
 
-    ``x`` of shape [S] gives scalars; [S, L] with ``axis=0`` gives per-layer arrays. ``stat`` must accept
-    ``axis=`` (numpy reductions do). Resamples the S samples with replacement ``n_boot`` times; the
-    interval is the (1 - level)/2 and (1 + level)/2 quantiles of the resampled statistic.
+    ``x`` of shape [S] gives scalars; [S, L] with ``axis=0`` gives per-layer arrays. The S samples are
+    resampled with replacement ``n_boot`` times by ``scipy.stats.bootstrap`` (``method="percentile"``);
+    every trailing entry sees the same resamples, so per-layer CIs are paired and each equals that
+    layer's own bootstrap. ``stat`` must accept ``axis=`` (numpy reductions do). One sample gives the
+    point itself as its interval (every resample is that sample).
+
+    ``nan_policy="omit"``: a non-finite value is left out of the statistic it would enter (``stat``
+    defaults to ``np.nanmean``), resamples whose statistic is NaN are left out of the quantiles, and an
+    all-NaN entry gives NaN. ``"raise"`` (default): non-finite input is an error.
     """
     x = np.asarray(x, dtype=np.float64)
     if x.ndim == 0:
@@ -128,22 +141,28 @@ def bootstrap_ci(
         raise ValueError(f"level must lie in (0, 1), got {level}")
     if int(n_boot) < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    n_boot = int(n_boot)
-    _check_finite(x, "x")
-    estimate = np.asarray(stat(x, axis=axis))
-    rng = np.random.default_rng(seed)
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, x.size))
-    parts = []
-    done = 0
-    while done < n_boot:
-        m = min(chunk, n_boot - done)
-        idx = rng.integers(0, n, size=(m, n))
-        resampled = np.take(x, idx, axis=axis)  # axis replaced by (m, n)
-        parts.append(np.moveaxis(np.asarray(stat(resampled, axis=axis + 1)), axis, 0))
-        done += m
-    boot = np.concatenate(parts, axis=0)
-    alpha = (1.0 - level) / 2.0
-    low, high = np.quantile(boot, [alpha, 1.0 - alpha], axis=0)
+    if nan_policy == "raise":
+        _check_finite(x, "x")
+        stat = np.mean if stat is None else stat
+    elif nan_policy == "omit":
+        x = np.where(np.isfinite(x), x, np.nan)
+        stat = np.nanmean if stat is None else stat
+    else:
+        raise ValueError(f"nan_policy must be 'raise' or 'omit', got {nan_policy!r}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # omit: all-NaN entries (mean of an empty slice)
+        estimate = np.asarray(stat(x, axis=axis))
+        if n == 1:
+            return CI(_scalar_or_array(estimate), _scalar_or_array(estimate), _scalar_or_array(estimate))
+        res = _st.bootstrap(
+            (x,), stat, n_resamples=int(n_boot), batch=max(1, _CHUNK_ELEMENTS // x.size), vectorized=True,
+            axis=axis, confidence_level=level, method="percentile", rng=np.random.default_rng(seed),
+        )
+        if nan_policy == "omit":
+            alpha = (1.0 - level) / 2.0
+            low, high = np.nanquantile(res.bootstrap_distribution, [alpha, 1.0 - alpha], axis=-1)
+        else:
+            low, high = res.confidence_interval
     return CI(_scalar_or_array(estimate), _scalar_or_array(low), _scalar_or_array(high))
 
 
@@ -175,28 +194,18 @@ def _paired_finite(x, y) -> tuple[np.ndarray, np.ndarray]:
     return x[keep], y[keep]
 
 
-def _degenerate(x: np.ndarray, y: np.ndarray) -> bool:
-    return x.size < 2 or np.ptp(x) == 0 or np.ptp(y) == 0
+def _degenerate(x: np.ndarray, y: np.ndarray, min_pairs: int = 2) -> bool:
+    return x.size < max(2, min_pairs) or np.ptp(x) == 0 or np.ptp(y) == 0
 
 
-def spearman(x, y) -> tuple[float, float]:
-    """Spearman rank correlation and two-sided p-value; pairs with NaN are dropped.
+def spearman(x, y, *, min_pairs: int = 2) -> tuple[float, float]:
+    """Spearman rank correlation and two-sided p-value; pairs with NaN or inf are dropped.
 
-    Returns (nan, nan) without a warning when fewer than 2 pairs remain or either input is constant.
+    Returns (nan, nan) without a warning when fewer than ``min_pairs`` (at least 2) pairs remain or
+    either input is constant.
     """
     x, y = _paired_finite(x, y)
-    if _degenerate(x, y):
+    if _degenerate(x, y, min_pairs):
         return math.nan, math.nan
     res = _st.spearmanr(x, y)
-    return float(res.statistic), float(res.pvalue)
-
-
-def pearson(x, y) -> tuple[float, float]:
-    """Pearson correlation and two-sided p-value, NaN-safe like ``spearman`` (paper: YapScore vs ROUGE)."""
-    x, y = _paired_finite(x, y)
-    if _degenerate(x, y):
-        return math.nan, math.nan
-    if x.size < 3:  # scipy needs 2 points but the p-value is meaningless; keep the sign
-        return float(np.sign((x[1] - x[0]) * (y[1] - y[0]))), math.nan
-    res = _st.pearsonr(x, y)
     return float(res.statistic), float(res.pvalue)

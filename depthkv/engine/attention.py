@@ -36,8 +36,30 @@ def _visible(mask: torch.Tensor) -> torch.Tensor:
     return mask if mask.dtype == torch.bool else mask == 0
 
 
-def align_mask(mask: torch.Tensor | None, layer, n_keys: int, n_query_heads: int) -> torch.Tensor | None:
+def left_padding(mask: torch.Tensor | None, batch: int) -> torch.Tensor:
+    """Padding tokens at the start of each sequence [B] (long), read from a causal forward's mask [B, 1|H, Q, K].
+
+    HF hides a left-padded batch's padding from every query, so the keys the last query (a real token: the
+    prompts end together) cannot see are exactly the padding. Anything else (right padding, holes) raises.
+    """
+    if mask is None:  # SDPA's implicit causal mask: no padding
+        return torch.zeros(batch, dtype=torch.long)
+    vis = _visible(mask[..., -1, :]).any(dim=1).expand(batch, -1)  # [B, K]
+    n_pad = (~vis).sum(dim=-1)
+    if not torch.equal(vis, torch.arange(vis.shape[-1], device=vis.device)[None, :] >= n_pad[:, None]):
+        raise NotImplementedError("only left-padded batches are supported (tokenizer padding_side='left'): "
+                                  "the attention mask hides tokens after a sequence's first real token")
+    if bool((n_pad == vis.shape[-1]).any()):
+        raise ValueError("a sequence of the batch is all padding: its attention mask has no 1")
+    return n_pad.cpu()
+
+
+def align_mask(mask: torch.Tensor | None, layer, n_keys: int, n_query_heads: int,
+               n_query: int = 1) -> torch.Tensor | None:
     """The logical mask [B, 1|H, Q, W] restricted to this layer's physical keys [B, *, Q, n_keys]."""
+    valid = getattr(layer, "valid", None)
+    if valid is not None:
+        return _ragged_mask(mask, layer, n_keys, n_query_heads, n_query)
     if mask is None or mask.shape[-1] == n_keys:
         return mask
     if not isinstance(layer, PrunedLayer):
@@ -52,9 +74,11 @@ def align_mask(mask: torch.Tensor | None, layer, n_keys: int, n_query_heads: int
     prefix = mask[..., :r]
     if bool(_visible(prefix).all()):
         # common case (no padding): every kept context token is visible to every new query
-        fill = torch.ones((), dtype=torch.bool) if mask.dtype == torch.bool else torch.zeros((), dtype=mask.dtype)
+        dev = mask.device
+        fill = (torch.ones((), dtype=torch.bool, device=dev) if mask.dtype == torch.bool
+                else torch.zeros((), dtype=mask.dtype, device=dev))
         shape = (*mask.shape[:-1], p)
-        return torch.cat([fill.to(mask.device).expand(shape), tail], dim=-1)
+        return torch.cat([fill.expand(shape), tail], dim=-1)
     # padding inside the context: gather each KV head's kept columns, then spread over its query heads
     b, _, q, _ = mask.shape
     kvh = layer.kept_pos.shape[1]
@@ -62,6 +86,35 @@ def align_mask(mask: torch.Tensor | None, layer, n_keys: int, n_query_heads: int
     gathered = prefix.expand(b, kvh, q, r).gather(-1, idx)
     gathered = gathered.repeat_interleave(n_query_heads // kvh, dim=1)
     return torch.cat([gathered, tail.expand(b, n_query_heads, q, tail.shape[-1])], dim=-1)
+
+
+def _ragged_mask(mask: torch.Tensor | None, layer, n_keys: int, n_query_heads: int, n_query: int) -> torch.Tensor:
+    """Mask [B, H, Q, n_keys] for a layer whose KV heads kept different numbers of tokens (padding hidden).
+
+    A ``None`` mask (SDPA's implicit causal case) is read as causal over the logical sequence: every kept
+    context token is visible, the tail is causal among the new queries.
+    """
+    r, p = layer.prefix_end, layer.n_prefix
+    b, kvh, _ = layer.kept_pos.shape
+    device = layer.kept_pos.device
+    if mask is None:
+        n_tail, q = n_keys - p, n_query
+        q_idx = torch.arange(n_tail - q, n_tail, device=device)[:, None]
+        tail = (torch.arange(n_tail, device=device)[None, :] <= q_idx)[None, None]  # [1, 1, Q, T]
+        prefix_vis = layer.valid[:, :, None, :].expand(b, kvh, q, p)
+        vis = torch.cat([prefix_vis, tail.expand(b, kvh, q, n_tail)], dim=-1)
+        return vis.repeat_interleave(n_query_heads // kvh, dim=1)
+    q = mask.shape[-2]
+    if p + mask.shape[-1] - r != n_keys:
+        raise RuntimeError(f"mask/cache mismatch: {p} kept + {mask.shape[-1] - r} tail != {n_keys} keys")
+    vis = _visible(mask)
+    idx = layer.kept_pos.long()[:, :, None, :].expand(b, kvh, q, p)
+    prefix_vis = vis[..., :r].expand(b, kvh, q, r).gather(-1, idx) & layer.valid[:, :, None, :]
+    full = torch.cat([prefix_vis, vis[..., r:].expand(b, kvh, q, n_keys - p)], dim=-1)
+    full = full.repeat_interleave(n_query_heads // kvh, dim=1)
+    if mask.dtype == torch.bool:
+        return full
+    return torch.zeros(full.shape, dtype=mask.dtype, device=mask.device).masked_fill(~full, torch.finfo(mask.dtype).min)
 
 
 def restrict_keys(mask: torch.Tensor | None, visible: torch.Tensor, n_query_heads: int, n_query: int,

@@ -10,23 +10,34 @@ A ``Session`` attaches to a HF causal LM for the duration of a ``with`` block:
 
 Plans: ``post`` (prune once, right after the prefill, as kvpress does), ``chunked`` (prune after every chunk
 of a driven prefill), ``score`` (collect every requested scorer's scores, prune nothing: the
-score-once/prune-many path), ``off`` (only align masks, e.g. while decoding from a pruned cache).
+score-once/prune-many path), ``reconstruct`` (a context-pass scorer such as KVzip reads the attention that
+replayed tokens pay to the context; max-accumulated, nothing pruned), ``off`` (only align masks, e.g. while
+decoding from a pruned cache).
+
+Budgets that depend on the input's scores (``global``/``adaptive`` allocators) or per-KV-head budgets need
+every layer's scores before any layer is pruned: ``Plan.defer`` then holds the pruning back until the last
+layer's attention of the prefill has run, and prunes all layers at once (``prune_all``).
+
+Batches: each sequence is scored on its own tokens (``score_sequences``) and pruned to the budgets of its own
+length (``sequence_budgets``), so it keeps what it would keep alone; a left-padded batch never keeps padding,
+and sequences that keep different numbers of tokens are stored ragged (``PrunedLayer.valid``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from depthkv.allocation.budgets import BudgetError, Budgets
-from depthkv.engine.attention import align_mask, register, restrict_keys, wrapped_name
-from depthkv.engine.cache import PrunedLayer, gather_tokens, kv_bytes, layer_positions
+from depthkv.allocation.builder import BudgetPolicy, policy_needs_scores
+from depthkv.engine.attention import align_mask, left_padding, register, restrict_keys, wrapped_name
+from depthkv.engine.cache import PrunedLayer, gather_ragged, gather_tokens, kv_bytes, layer_positions
 from depthkv.scorers import ScoreInputs, Scorer
-
-BudgetPolicy = Callable[[int], Budgets]
 
 
 @dataclass(frozen=True)
@@ -85,6 +96,8 @@ class Plan:
     policy: BudgetPolicy | None = None
     protection: Protection = field(default_factory=Protection)
     context_len: int | None = None  # chunked: the full context length the budgets refer to
+    defer: bool = False  # post: prune every layer once the last one is scored (score-dependent budgets)
+    head_budgets: bool = False  # split each layer's budget across its KV heads by their scores
     # ablate: layer -> [B, KVH, N] bool, the context keys each batch row may see in that layer (masking, no
     # eviction: lets one batched forward hold probes that prune different layers by different amounts)
     key_masks: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -101,9 +114,15 @@ class Session:
         self.plan = Plan()
         self.scores: dict[str, list[torch.Tensor | None]] = {}
         self.last_budgets: Budgets | None = None
+        # one budget vector per sequence of the last pruned batch (each from the sequence's own length)
+        self.last_sequence_budgets: list[Budgets] | None = None
+        # left padding per sequence [B] of the batch being scored; None for a single unpadded sequence
+        self.n_pad: torch.Tensor | None = None
+        self._sequence_budget_cache: tuple[tuple, list[Budgets]] | None = None
         self.kept_kv_bytes: int | None = None  # measured on the real tensors after the last pruning pass
         self.peak_kv_bytes = 0  # largest KV footprint seen just before a pruning step (since the last set_plan)
         self._cache = None
+        self.inv_freq = rope_inv_freq(model)
         self._handles: list = []
         self._saved_impl: str | None = None
 
@@ -145,20 +164,25 @@ class Session:
             return False
         if kind == "post":  # the prefill of a fresh cache; later forwards (questions, decoding) are left alone
             return n_query > 1 and layer.get_seq_length() == n_query
-        if kind == "chunked":
-            return n_query > 1
-        return kind == "score"
+        if kind == "chunked":  # every chunk of a driven prefill, a single-token chunk too
+            return self.plan.context_len is not None
+        return kind in ("score", "reconstruct")
 
     def before_attention(self, module, query, key, value, mask):
         idx = module.layer_idx
         layer = self._layer(idx)
-        mask = align_mask(mask, layer, key.shape[-2], query.shape[1])
+        mask = align_mask(mask, layer, key.shape[-2], query.shape[1], query.shape[-2])
         if self.plan.kind == "ablate" and idx in self.plan.key_masks:
             mask = restrict_keys(mask, self.plan.key_masks[idx], query.shape[1], query.shape[-2], key.shape[-2])
         if self._wants_scores(layer, query.shape[-2]):
-            x = ScoreInputs(query, key, value, layer_positions(layer), module.scaling, idx)
+            n_context = key.shape[-2] - query.shape[-2] if self.plan.kind == "reconstruct" else None
+            x = ScoreInputs(query, key, value, layer_positions(layer), module.scaling, idx, self.inv_freq, n_context)
+            if self.plan.kind == "reconstruct":
+                self._accumulate_max(x)
+                return mask
+            self.n_pad = self._padding(mask, query.shape[0], query.shape[-2], key.shape[-2])
             for scorer in self.plan.scorers:
-                new = scorer.score(x).float()
+                new = score_sequences(scorer, x, self.n_pad)
                 slot = self.scores.setdefault(scorer.name, [None] * self.n_layers)
                 prev = slot[idx]
                 if scorer.cumulative and self.plan.kind == "chunked" and prev is not None:
@@ -166,6 +190,26 @@ class Session:
                     new = new + torch.nn.functional.pad(prev, (0, pad))
                 slot[idx] = new
         return mask
+
+    def _padding(self, mask, batch: int, n_query: int, n_keys: int) -> torch.Tensor | None:
+        """Left padding per sequence of the forward being scored; None for one unpadded sequence."""
+        n_pad = left_padding(mask, batch)
+        if batch == 1 and not bool(n_pad.any()):
+            return None
+        if bool(n_pad.any()) and (n_query != n_keys or self.plan.kind == "chunked"):
+            raise NotImplementedError("padded batches are pruned once after a prefill of the whole prompt "
+                                      "(mode='post'); chunked prefills of padded batches are not supported")
+        return n_pad
+
+    def _accumulate_max(self, x: ScoreInputs) -> None:
+        """Reconstruction pass: element-wise max of this pass's context scores and the ones gathered so far."""
+        for scorer in self.plan.scorers:
+            new = scorer.score(x).float()
+            slot = self.scores.setdefault(scorer.name, [None] * self.n_layers)
+            prev = slot[x.layer_idx]
+            if prev is not None:
+                new = torch.maximum(new, torch.nn.functional.pad(prev, (0, new.shape[-1] - prev.shape[-1])))
+            slot[x.layer_idx] = new
 
     def _after_attention(self, module, args, kwargs, output):
         kind = self.plan.kind
@@ -179,11 +223,17 @@ class Session:
             return
         if kind == "post" and isinstance(layer, PrunedLayer):
             return  # already pruned in this forward
+        if self.plan.defer:
+            if idx == self.n_layers - 1 and all(s is not None for s in slot):
+                n = layer.get_seq_length() if kind == "post" else self.plan.context_len
+                self.prune_all(self._cache, name, n, keep_scores=kind == "chunked" and self.plan.scorers[0].cumulative)
+            return
         n_context = layer.get_seq_length() if kind == "post" else self.plan.context_len
-        budgets = self.budgets_for(n_context)
+        per_sequence = self.sequence_budgets(n_context)
         self.peak_kv_bytes = max(self.peak_kv_bytes, kv_bytes(self._cache))
         scores = slot[idx]
-        new_layer, keep = prune_layer(layer, scores, budgets.tokens[idx], self.plan.protection)
+        new_layer, keep = prune_layer(layer, scores, [b.tokens[idx] for b in per_sequence], self.plan.protection,
+                                      n_pad=self.n_pad)
         self._cache.layers[idx] = new_layer
         if kind == "chunked" and self.plan.scorers[0].cumulative:
             slot[idx] = scores.gather(-1, keep)
@@ -192,12 +242,40 @@ class Session:
         if idx == self.n_layers - 1:
             self.kept_kv_bytes = kv_bytes(self._cache)
 
+    def prune_all(self, cache, scorer_name: str, context_len: int | None = None, keep_scores: bool = False) -> Budgets:
+        """Prune every layer of ``cache`` with the scores gathered under ``scorer_name``; the budgets may
+        depend on those scores (input-adaptive allocators) and may be split per KV head (``head_budgets``).
+        Returns the first sequence's budgets (every sequence's: ``last_sequence_budgets``)."""
+        slot = self.scores.get(scorer_name)
+        if slot is None or any(s is None for s in slot):
+            raise RuntimeError(f"no scores from {scorer_name!r} for every layer: nothing to prune with")
+        n = context_len or cache.get_seq_length()
+        per_sequence = self.sequence_budgets(n, scores=slot)
+        budgets = per_sequence[0]
+        self.peak_kv_bytes = max(self.peak_kv_bytes, kv_bytes(cache))
+        for idx, layer in enumerate(cache.layers):
+            cache.layers[idx], keep = prune_layer(layer, slot[idx], [b.tokens[idx] for b in per_sequence],
+                                                  self.plan.protection, head_budgets=self.plan.head_budgets,
+                                                  n_pad=self.n_pad)
+            # chunked prefills score the kept tokens again with the next chunk: carry their scores along
+            slot[idx] = slot[idx].gather(-1, keep) if keep_scores else None
+        self.kept_kv_bytes = kv_bytes(cache)
+        return budgets
+
     # ----------------------------------------------------------------- budgets
-    def budgets_for(self, context_len: int) -> Budgets:
-        if self.last_budgets is not None and self.last_budgets.context_len == context_len:
+    def budgets_for(self, context_len: int, scores=None) -> Budgets:
+        """The budget vector for a context of ``context_len`` tokens; a policy that adapts to the input
+        (``needs_scores``) gets this input's per-layer ``scores`` and is asked again for every input."""
+        adaptive = policy_needs_scores(self.plan.policy)
+        if not adaptive and self.last_budgets is not None and self.last_budgets.context_len == context_len:
             return self.last_budgets
         self.plan.protection.check_context(context_len)
-        budgets = self.plan.policy(context_len)
+        if adaptive:
+            if scores is None:
+                raise BudgetError("this budget policy adapts to the input and needs its token scores")
+            budgets = self.plan.policy(context_len, scores=scores)
+        else:
+            budgets = self.plan.policy(context_len)
         budgets.check_length(self.n_layers)
         low = [i for i, t in enumerate(budgets.tokens) if t < min(context_len, self.plan.protection.size)]
         if low:
@@ -208,12 +286,33 @@ class Session:
         self.last_budgets = budgets
         return budgets
 
+    def sequence_budgets(self, context_len: int, scores=None) -> list[Budgets]:
+        """One budget vector per sequence of the batch being pruned (``last_sequence_budgets``): each from the
+        sequence's own length (``context_len`` less its left padding) and, for an input-adaptive policy, its
+        own scores, so that a sequence keeps what it would keep alone."""
+        if self.n_pad is None:
+            out = [self.budgets_for(context_len, scores=scores)]
+        else:
+            pads = tuple(int(p) for p in self.n_pad)
+            key = (context_len, pads)
+            cached = self._sequence_budget_cache
+            if scores is None and cached is not None and cached[0] == key:
+                out = cached[1]
+            else:
+                out = [self.budgets_for(context_len - p, scores=None if scores is None else
+                                        [s[b:b + 1, :, p:] for s in scores]) for b, p in enumerate(pads)]
+                self._sequence_budget_cache = (key, out)
+        self.last_sequence_budgets = out
+        return out
+
     def set_plan(self, plan: Plan) -> None:
         if plan.policy is not self.plan.policy or plan.protection != self.plan.protection:
             self.last_budgets = None
         self.plan = plan
         self.scores = {}
         self.peak_kv_bytes = 0
+        self.n_pad = None
+        self._sequence_budget_cache = None
 
 
 def kept_indices(layer, scores: torch.Tensor, budget: int, protection: Protection) -> torch.Tensor:
@@ -222,7 +321,96 @@ def kept_indices(layer, scores: torch.Tensor, budget: int, protection: Protectio
     return select_tokens(protected, budget)
 
 
-def prune_layer(layer, scores: torch.Tensor, budget: int, protection: Protection):
-    """(new PrunedLayer holding the layer's top-``budget`` tokens per KV head, kept physical indices)."""
-    keep = kept_indices(layer, scores, budget, protection)
-    return gather_tokens(layer, keep), keep
+def choose_tokens(scores: torch.Tensor, positions: torch.Tensor, logical_len: int, budget: int,
+                  protection: Protection, head_budgets: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(physical indices [B, KVH, P] to keep, in sequence order; [B, KVH, P] bool of the real ones or None).
+
+    Protected tokens (by logical ``positions``) first, then the top scores: ``budget`` per KV head, or with
+    ``head_budgets`` ``budget * KV heads`` in all, split across the heads by ranking every head's scores
+    together (AdaKV-style; each head keeps at least the protected window), padding slots last.
+    """
+    protected = protection.apply(scores, positions, logical_len)
+    if not head_budgets:
+        return select_tokens(protected, budget), None
+    from depthkv.allocation.adaptive import head_split
+
+    counts = torch.as_tensor(head_split(protected, budget, min(logical_len, protection.size)), device=scores.device)
+    width = int(counts.max())
+    keep = protected.topk(width, dim=-1, sorted=True).indices  # best first, per head
+    valid = torch.arange(width, device=scores.device)[None, None, :] < counts[..., None]
+    # order each head's kept tokens by sequence position; padding slots (invalid) go last
+    order_key = torch.where(valid, keep, keep.new_full((), torch.iinfo(keep.dtype).max))
+    order = order_key.argsort(dim=-1)
+    return keep.gather(-1, order), valid.gather(-1, order)
+
+
+def prune_layer(layer, scores: torch.Tensor, budget: int | Sequence[int], protection: Protection, *,
+                head_budgets: bool = False, n_pad: torch.Tensor | Sequence[int] | None = None):
+    """(new PrunedLayer holding the layer's top-``budget`` tokens per KV head, kept physical indices).
+
+    ``head_budgets``: the layer keeps ``budget * KV heads`` tokens in all, split across its heads by ranking
+    every head's scores together (AdaKV-style; each head keeps at least the protected window). Heads then hold
+    different numbers of tokens: the layer stores the longest and masks the padding (``PrunedLayer.valid``).
+
+    Batches: ``budget`` may give one budget per sequence and ``n_pad`` the left padding of each sequence of a
+    fresh (unpruned) layer. Each sequence is then pruned on its own tokens as if it were alone: its protected
+    window is its first ``n_sink`` real tokens and its last ``n_recent``, padding is never kept, and sequences
+    that keep different numbers of tokens are stored ragged through the same ``valid`` mask.
+    """
+    batch = scores.shape[0]
+    budgets = [int(b) for b in budget] if isinstance(budget, Sequence) else [int(budget)] * batch
+    pads = [0] * batch if n_pad is None else [int(p) for p in n_pad]
+    if len(budgets) != batch or len(pads) != batch:
+        raise ValueError(f"{len(budgets)} budgets and {len(pads)} padding counts for a batch of {batch} sequences")
+    if any(pads) or len(set(budgets)) > 1:
+        return _prune_sequences(layer, scores, budgets, pads, protection, head_budgets)
+    keep, valid = choose_tokens(scores, layer_positions(layer), layer.get_seq_length(), budgets[0], protection,
+                                head_budgets)
+    if valid is None:
+        return gather_tokens(layer, keep), keep
+    return gather_ragged(layer, keep, valid), keep
+
+
+def _prune_sequences(layer, scores: torch.Tensor, budgets: list[int], pads: list[int], protection: Protection,
+                     head_budgets: bool):
+    """``prune_layer`` one sequence at a time (see there); filler slots point at a real token, marked invalid."""
+    if any(pads) and isinstance(layer, PrunedLayer):
+        raise NotImplementedError("a padded batch is pruned once, from its full prefill cache")
+    positions, n = layer_positions(layer), layer.get_seq_length()
+    keeps, valids = [], []
+    for b, (budget, p) in enumerate(zip(budgets, pads)):
+        keep, valid = choose_tokens(scores[b:b + 1, :, p:], positions[b:b + 1, :, p:] - p, n - p, budget,
+                                    protection, head_budgets)
+        keeps.append(keep + p)
+        valids.append(torch.ones_like(keep, dtype=torch.bool) if valid is None else valid)
+    width = max(k.shape[-1] for k in keeps)
+    keep = torch.cat([F.pad(k, (0, width - k.shape[-1]), value=p) for k, p in zip(keeps, pads)])
+    valid = torch.cat([F.pad(v, (0, width - v.shape[-1]), value=False) for v in valids])
+    return gather_ragged(layer, keep, valid), keep
+
+
+def score_sequences(scorer: Scorer, x: ScoreInputs, n_pad: torch.Tensor | None) -> torch.Tensor:
+    """``scorer``'s token scores [B, KVH, K] (float32).
+
+    With ``n_pad`` (a batch) every sequence is scored alone on its own tokens, at its own positions, exactly as
+    a batch of one would be: scores never depend on the other sequences or on padding, which scores -inf.
+    """
+    if n_pad is None:
+        return scorer.score(x).float()
+    n_keys, n_query = x.key.shape[-2], x.query.shape[-2]
+    rows = []
+    for b, p in enumerate(int(p) for p in n_pad):
+        own = dataclasses.replace(x, query=x.query[b:b + 1, :, max(0, p - (n_keys - n_query)):],
+                                  key=x.key[b:b + 1, :, p:], value=x.value[b:b + 1, :, p:],
+                                  positions=x.positions[b:b + 1, :, p:] - p)
+        rows.append(F.pad(scorer.score(own).float(), (p, 0), value=float("-inf")))
+    return torch.cat(rows)
+
+
+def rope_inv_freq(model: nn.Module) -> torch.Tensor | None:
+    """The RoPE inverse frequencies of ``model`` (its rotary embedding's ``inv_freq``), or None."""
+    for m in model.modules():
+        f = getattr(m, "inv_freq", None)
+        if isinstance(f, torch.Tensor):
+            return f
+    return None

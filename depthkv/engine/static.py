@@ -1,7 +1,7 @@
 """Fixed-shape greedy decoding from a pruned cache: per-layer-sized static buffers, one CUDA graph per step.
 
 Plain HF decoding from a depthkv cache is bound by launches, Python and ``torch.cat`` growth of every layer's
-cache (issue 6): pruning saves bytes but barely any milliseconds. Here, once the context is pruned, layer l's
+cache: pruning saves bytes but barely any milliseconds. Here, once the context is pruned, layer l's
 keys/values are copied into a preallocated buffer of ``B_l + horizon`` tokens (``horizon`` = tokens that decoding
 will feed), so every tensor shape stays fixed while decoding and the whole one-token step (embedding, 32 layers,
 LM head, argmax, bookkeeping) can be captured once as a ``torch.cuda.CUDAGraph`` and replayed with no host
@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from depthkv.models.layers import decoder_body, decoder_layers
 
 SUPPORTED = {"llama": "LlamaRMSNorm", "qwen2": "Qwen2RMSNorm"}  # model_type -> the RMSNorm class it must use
 ATTENTIONS = ("auto", "split", "sdpa", "triton")
@@ -77,10 +79,13 @@ def check_model(model: nn.Module) -> None:
     rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
     if rope.get("rope_type", rope.get("type", "default")) in ("dynamic", "longrope"):
         raise FastDecodeError("dynamic/longrope RoPE changes its frequencies with the length: not fixed-shape")
-    inner = getattr(model, "model", None)
-    if inner is None or not hasattr(inner, "layers") or not hasattr(model, "lm_head"):
-        raise FastDecodeError(f"{type(model).__name__}: expected a causal LM with .model.layers and .lm_head")
-    for layer in inner.layers:
+    try:
+        layers = decoder_layers(model)
+    except ValueError:
+        layers = None
+    if layers is None or not hasattr(model, "lm_head"):
+        raise FastDecodeError(f"{type(model).__name__}: expected a causal LM with decoder layers and .lm_head")
+    for layer in layers:
         a, m = layer.self_attn, layer.mlp
         lins = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj, model.lm_head)
         if any(type(x) is not nn.Linear for x in lins):
@@ -140,6 +145,9 @@ class StaticPrunedCache:
         layers = cache.layers
         if not layers or not all(getattr(x, "is_initialized", False) for x in layers):
             raise FastDecodeError("the cache holds no context: prefill first")
+        if any(getattr(x, "valid", None) is not None for x in layers):
+            raise FastDecodeError("per-KV-head budgets (head_budgets=True) are not supported by the fast decode "
+                                  "path yet: decode without fast=True")
         logical = {x.get_seq_length() for x in layers}
         if len(logical) != 1:
             raise FastDecodeError(f"layers disagree on the logical length: {sorted(logical)}")
@@ -187,6 +195,11 @@ class StaticPrunedCache:
 
     def storage_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._kstore + self._vstore)
+
+    def buffers(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``idx``'s whole key and value buffers ``[B, KVH, padded, D]``, what the attention kernels read
+        (padded to a multiple of ``block``; the slots past the valid length are masked by ``masks[idx]``)."""
+        return self._kstore[idx], self._vstore[idx]
 
     def open_slots(self) -> torch.Tensor:
         """Unmask this step's slot in every layer; return the per-layer write positions ``[L]`` (in-graph safe)."""
@@ -290,7 +303,7 @@ class FastDecoder:
         self.config = config or FastConfig()
         self.model, self.cache = model, cache
         cfg = model.config.get_text_config(decoder=True)
-        inner = model.model
+        inner = decoder_body(model)
         self.embed, self.norm, self.rotary, self.lm_head = inner.embed_tokens, inner.norm, inner.rotary_emb, model.lm_head
         a0 = inner.layers[0].self_attn
         self.head_dim = a0.head_dim
@@ -320,7 +333,8 @@ class FastDecoder:
             self._pre = torch.compile(qkv_rope, fullgraph=True, dynamic=False)
             self._post = torch.compile(out_mlp, fullgraph=True, dynamic=False)
         self.attention = resolve_attention(self.config.attention, dev)
-        self._attend = {"split": attend_split, "sdpa": attend_sdpa, "triton": attend_triton}[self.attention]
+        # the attention kernel of one layer: attend(q, k_buffer, v_buffer, mask, scale, block, pos) -> output
+        self.attend = {"split": attend_split, "sdpa": attend_sdpa, "triton": attend_triton}[self.attention]
         self.graph: torch.cuda.CUDAGraph | None = None
         self.steps_done = 0
 
@@ -335,7 +349,7 @@ class FastDecoder:
             q, k, v = self._pre(h, *pre, cos, sin, self.n_kv, self.head_dim)
             p = pos[i:i + 1]
             c.write(i, p, k, v)
-            o = self._attend(q, c._kstore[i], c._vstore[i], c.masks[i], self.scale, c.block, p)
+            o = self.attend(q, *c.buffers(i), c.masks[i], self.scale, c.block, p)
             h = self._post(h, o, *post)
         logits = self.lm_head(self.norm(h))  # [B, 1, V]
         nxt = logits[:, -1].argmax(-1, keepdim=True)

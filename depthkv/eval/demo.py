@@ -31,10 +31,12 @@ class DemoConfig:
     mixed_lengths: bool = True  # needle tasks at context_tokens/2 and context_tokens (depth x length heatmap)
     seed: int = 0
     out: str = "depthkv-demo"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
 
 
 def _calibration(lm, cfg: DemoConfig, path: Path, force: bool):
-    from depthkv.calibration.profile import Profile, ProfileError
+    from depthkv.allocation.profile import Profile, ProfileError
     from depthkv.calibration.report import plot_sensitivity, print_summary
     from depthkv.calibration.run import CalibrationConfig, calibrate
 
@@ -69,36 +71,34 @@ def _task_options(cfg: DemoConfig) -> dict:
 
 def run_demo(cfg: DemoConfig | None = None, *, force: bool = False, progress: bool = True) -> Path:
     """Run the demo; returns the path of the HTML report."""
-    from depthkv.allocation import allocate
+    from depthkv.allocation import BudgetSpec
     from depthkv.eval.report import build_report
     from depthkv.eval.runner import EvalConfig, run_eval
-    from depthkv.eval.summary import print_summary, summarise, write_summary
+    from depthkv.eval.summary import print_summary
     from depthkv.models import load_model
 
     cfg = cfg or DemoConfig()
     t_start = time.perf_counter()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    lm = load_model(cfg.model)
+    lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     profile_path = out / "profile.json"
     prof = _calibration(lm, cfg, profile_path, force)
 
     print(f"[demo] 2/4 allocate: optimal vs uniform tokens per layer for a {cfg.context_tokens}-token context")
     for r in cfg.ratios:
         for strategy in ("uniform", "optimal"):
-            b = allocate(strategy, prof.n_layers, cfg.context_tokens, r, sensitivity=prof.view(), min_tokens=20)
+            b = BudgetSpec(r, strategy, prof, min_tokens=20).for_context(prof.n_layers, cfg.context_tokens)
             print(f"  ratio {r:g} {strategy:>8}: {' '.join(str(t) for t in b.tokens)}")
 
     ecfg = EvalConfig(model=cfg.model, tasks=cfg.tasks, methods=cfg.methods, scorers=cfg.scorers,
                       ratios=cfg.ratios, samples=cfg.samples, context_tokens=cfg.context_tokens,
                       settings=cfg.settings, profile=str(profile_path), seed=cfg.seed,
-                      task_options=_task_options(cfg))
+                      task_options=_task_options(cfg), dtype=str(lm.model.dtype).removeprefix("torch."))
     print(f"[demo] 3/4 eval: {', '.join(cfg.tasks)} x {', '.join(cfg.methods)} x ratios "
           f"{', '.join(f'{r:g}' for r in cfg.ratios)}, {cfg.samples} samples per task\n  = {ecfg.command_line(out / 'eval')}")
     res = run_eval(lm, ecfg, out / "eval", force=force, progress=progress)
-    cells = summarise(res.rows)
-    write_summary(res.folder, cells, {"model": lm.name, "folder": str(res.folder)})
-    print_summary(cells, title=f"{lm.name}: mean [95 % CI]; diff = method - uniform (paired over samples)")
+    print_summary(res.cells, title=f"{lm.name}: mean [95 % CI]; diff = method - uniform (paired over samples)")
 
     print("[demo] 4/4 report")
     path = build_report([res.folder], out / "report.html")

@@ -10,12 +10,14 @@ Contents, per run (a run = the rows of every given folder evaluated with the sam
 * a few example outputs, the full summary table and the commands that produced the folders.
 
 Transfer matrix: give folders evaluated with *different* profiles (e.g. one profile calibrated on needle
-data, one on code) on the same tasks and model; the report then adds one matrix per DepthKV method:
-rows = profile (calibration family), columns = evaluated task, cell = gain over uniform (method - uniform,
-averaged over the ratios, scorers and settings of each sample, mean over samples with a 95 % bootstrap CI).
+data, one on code) on the same tasks and model; the report then adds, per DepthKV method, setting, scorer
+and ratio, a matrix (:mod:`depthkv.eval.transfer`): rows = profile (calibration family), columns = evaluated
+task, cell = gain over uniform (method - uniform, paired over the same samples, with its 95 % bootstrap CI).
 
 Plots are PNGs (matplotlib, Agg backend) embedded as base64 and also saved next to the HTML, in
-``<report name>_files/``.
+``<report name>_files/``; each figure links to its full-size file. Commands are shown with paths relative
+to the repository (or working folder) that holds the report. A folder whose run is unfinished is reported
+with the number of missing cells (a warning on stderr and a note on the page).
 """
 
 from __future__ import annotations
@@ -23,9 +25,12 @@ from __future__ import annotations
 import base64
 import html
 import json
+import os
 import re
+import shlex
+import sys
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,16 +38,18 @@ from typing import Any
 
 import numpy as np
 
-from depthkv.eval.results import CONFIG, EvalError, load_rows, read_config, row_key
+from depthkv.eval.results import CONFIG, EvalError, cell_key, load_rows, read_config, row_key
 from depthkv.eval.summary import (
     BASELINE,
     MIN_PAIRS,
     REFERENCE_METHODS,
     _method_order,
+    dedupe,
     fmt_ci,
     summarise,
     verdict,
 )
+from depthkv.extras import pyplot
 
 
 @dataclass
@@ -58,6 +65,7 @@ class Run:
     configs: list[dict] = field(default_factory=list)
     rows: list[dict] = field(default_factory=list)
     cells: list[dict] = field(default_factory=list)
+    missing: list[tuple[Path, int, int]] = field(default_factory=list)  # (folder, missing, expected) if unfinished
 
     @property
     def label(self) -> str:
@@ -90,26 +98,61 @@ def load_runs(folders: Sequence[str | Path]) -> list[Run]:
         run.folders.append(f)
         run.configs.append(cfg)
         run.rows.extend(rows)
+        missing, expected = missing_cells(cfg, rows)
+        if missing:
+            run.missing.append((f, missing, expected))
     out = list(runs.values())
     for run in out:
-        seen = {}
-        for r in run.rows:
-            seen[row_key(r)] = r
-        run.rows = list(seen.values())
+        run.rows = dedupe(run.rows)
         run.cells = summarise(run.rows)
     return out
 
 
+def expected_cells(cfg: dict) -> set[str]:
+    """Keys of every cell the run recorded in ``config.json`` asks for (samples x settings x cells)."""
+    run = cfg.get("run") or {}
+    methods = list(run.get("methods") or [])
+    cells = [("full", None, 0.0)] if "full" in methods else []
+    cells += [(m, s, float(q)) for m in methods if m != "full" for s in run.get("scorers") or []
+              for q in run.get("ratios") or []]
+    return {cell_key(task, sid, setting, m, s, q)
+            for task, ids in (cfg.get("samples") or {}).items() for sid in ids
+            for setting in run.get("settings") or [] for m, s, q in cells}
+
+
+def missing_cells(cfg: dict, rows: Sequence[dict]) -> tuple[int, int]:
+    """(cells the folder's run asks for but has no row for, cells it asks for); (0, 0) if unknown."""
+    want = expected_cells(cfg)
+    return len(want - {row_key(r) for r in rows}), len(want)
+
+
+def _repo_root(start: Path) -> Path | None:
+    for d in (start, *start.parents):
+        if (d / ".git").exists():
+            return d
+    return None
+
+
+def relative_command(command: str, root: Path) -> str:
+    """``command`` with every absolute path under ``root`` written relative to it (shell-quoted)."""
+    try:
+        parts = shlex.split(command)
+    except ValueError:
+        return command
+    out = []
+    for part in parts:
+        if os.path.isabs(part):
+            for candidate in (Path(part), Path(part).resolve()):
+                try:
+                    part = candidate.relative_to(root).as_posix() or "."
+                    break
+                except ValueError:
+                    continue
+        out.append(part)
+    return shlex.join(out)
+
+
 # ---------------------------------------------------------------------------------------------- plots
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 _COLORS = {"full": "black", "uniform": "tab:blue", "pyramid": "tab:orange"}
@@ -125,7 +168,7 @@ def _color(method: str, methods: Sequence[str]) -> str:
 
 def plot_quality(cells: Sequence[dict], task: str, setting: str, path: Path, title: str) -> Path:
     """Mean score vs ratio, one line per (method, scorer) with its 95 % CI band; full as a dashed line."""
-    plt = _plt()
+    plt = pyplot()
     mine = [c for c in cells if c["task"] == task and c["setting"] == setting and c["mean"] is not None]
     methods = _method_order({c["method"] for c in mine})
     scorers = sorted({c["scorer"] for c in mine if c["method"] != "full"})
@@ -159,7 +202,7 @@ def plot_quality(cells: Sequence[dict], task: str, setting: str, path: Path, tit
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=FULL_SIZE_DPI)
     plt.close(fig)
     return path
 
@@ -172,11 +215,12 @@ def depth_length_tasks(rows: Sequence[dict]) -> list[str]:
 
 
 DEPTH_BINS = np.linspace(0.0, 1.0, 6)
+FULL_SIZE_DPI = 150  # the page shows figures at most 620 px wide; each links to this full-size PNG
 
 
 def plot_depth_heatmap(rows: Sequence[dict], task: str, setting: str, scorer: str, path: Path, title: str) -> Path:
     """Mean score by needle depth (5 bins) x context length, one panel per (method, ratio)."""
-    plt = _plt()
+    plt = pyplot()
     mine = [r for r in rows if r["task"] == task and r["setting"] == setting and r.get("status") == "ok"
             and (r["method"] == "full" or (r.get("scorer") or "-") == scorer)]
     lengths = sorted({int(r["sample_meta"]["length"]) for r in mine})
@@ -186,7 +230,7 @@ def plot_depth_heatmap(rows: Sequence[dict], task: str, setting: str, scorer: st
     panels += [(m, q) for m in methods if m != "full" for q in ratios]
     ncol = max(1, len(ratios))
     nrow = (1 if "full" in methods else 0) + len([m for m in methods if m != "full"])
-    fig, axes = plt.subplots(nrow, ncol, figsize=(1.6 + 1.2 * max(2, len(lengths)) * ncol, 1.2 + 1.7 * nrow),
+    fig, axes = plt.subplots(nrow, ncol, figsize=(1.8 + 1.5 * max(2, len(lengths)) * ncol, 1.4 + 2.1 * nrow),
                              squeeze=False, layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
@@ -212,49 +256,59 @@ def plot_depth_heatmap(rows: Sequence[dict], task: str, setting: str, scorer: st
         with np.errstate(invalid="ignore"):
             grid = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
-        ax.set_title(f"{m}" + ("" if m == "full" else f" @ {q:g}"), fontsize=8)
+        ax.set_title(f"{m}" + ("" if m == "full" else f" @ {q:g}"), fontsize=9)
         ax.set_xticks(range(len(lengths)))
-        ax.set_xticklabels([str(x) for x in lengths], fontsize=6)
+        ax.set_xticklabels([str(x) for x in lengths], fontsize=7)
         ax.set_yticks(range(len(DEPTH_BINS) - 1))
         ax.set_yticklabels([f"{DEPTH_BINS[k]:.1f}-{DEPTH_BINS[k + 1]:.1f}" for k in range(len(DEPTH_BINS) - 1)],
-                           fontsize=6)
+                           fontsize=7)
         for (yy, xx), v in np.ndenumerate(grid):
             if counts[yy, xx]:
-                ax.text(xx, yy, f"{v:.2f}\n(n={int(counts[yy, xx])})", ha="center", va="center", fontsize=5)
-    fig.supxlabel("context length (target tokens)", fontsize=8)
-    fig.supylabel("needle depth", fontsize=8)
-    fig.suptitle(title, fontsize=9)
+                ax.text(xx, yy, f"{v:.2f}\n(n={int(counts[yy, xx])})", ha="center", va="center", fontsize=7)
+    fig.supxlabel("context length (target tokens)", fontsize=9)
+    fig.supylabel("needle depth", fontsize=9)
+    fig.suptitle(title, fontsize=10)
     if im is not None:
         fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label="mean score")
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=FULL_SIZE_DPI)
     plt.close(fig)
     return path
 
 
+def budget_ylim(top: float) -> tuple[float, float]:
+    """y-range of the budgets plot: from 0, so that a one-token rounding between layers stays a ripple
+    instead of filling the axis (matplotlib would zoom onto the tiny spread of a uniform allocation)."""
+    return 0.0, max(0.05, min(1.0, top) * 1.08)
+
+
 def plot_budgets(rows: Sequence[dict], path: Path, title: str) -> Path | None:
     """Share of the context each layer keeps, per method, one panel per ratio (mean over samples)."""
-    plt = _plt()
+    plt = pyplot()
     ok = [r for r in rows if r.get("status") == "ok" and r["method"] != "full" and r.get("budgets")]
     if not ok:
         return None
     ratios = sorted({float(r["ratio"]) for r in ok})
     methods = _method_order({r["method"] for r in ok})
     fig, axes = plt.subplots(1, len(ratios), figsize=(3.6 * len(ratios) + 0.6, 3.2), squeeze=False, sharey=True)
+    top = 0.0
     for ax, q in zip(axes[0], ratios):
         for m in methods:
             shares = [np.asarray(r["budgets"], dtype=float) / r["context_len"] for r in ok
                       if r["method"] == m and abs(float(r["ratio"]) - q) < 1e-9]
             if shares:
-                ax.plot(np.mean(shares, axis=0), marker=".", ms=3, color=_color(m, methods), label=m,
+                mean = np.mean(shares, axis=0)
+                top = max(top, float(mean.max()))
+                ax.plot(mean, marker=".", ms=3, color=_color(m, methods), label=m,
                         lw=2 if m not in REFERENCE_METHODS else 1.2)
         ax.set_title(f"ratio {q:g}", fontsize=9)
         ax.set_xlabel("layer")
         ax.grid(alpha=0.3)
+    axes[0, 0].set_ylim(*budget_ylim(top))
     axes[0, 0].set_ylabel("share of context kept")
     axes[0, -1].legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=FULL_SIZE_DPI)
     plt.close(fig)
     return path
 
@@ -374,10 +428,10 @@ def examples_table(run: Run, per_task: int = 1, max_chars: int = 240) -> str:
     return "\n".join(out)
 
 
-def transfer_matrices(runs: Sequence[Run], n_boot: int = 1000) -> list[tuple[str, str, list, list, dict]]:
-    """(model, method, profile labels, tasks, {(label, task): (mean, lo, hi, n)}) for each DepthKV method
-    evaluated with at least two different profiles of one model."""
-    from depthkv.calibration.stats import bootstrap_ci
+def transfer_matrices(runs: Sequence[Run]) -> list[tuple[str, str, list[dict]]]:
+    """(model, method, :func:`depthkv.eval.transfer.transfer_cells`) for each DepthKV method of a model
+    evaluated with at least two different profiles; the calibration labels are the runs' labels."""
+    from depthkv.eval.transfer import merge_rows, transfer_cells
 
     out = []
     by_model: dict[str, list[Run]] = defaultdict(list)
@@ -387,51 +441,45 @@ def transfer_matrices(runs: Sequence[Run], n_boot: int = 1000) -> list[tuple[str
     for model_runs in by_model.values():
         if len(model_runs) < 2:
             continue
-        methods = sorted({m for run in model_runs for m in run.methods if m not in REFERENCE_METHODS})
-        tasks = sorted({r["task"] for run in model_runs for r in run.rows})
-        for m in methods:
-            matrix = {}
-            for run in model_runs:
-                base = {(r["task"], r["sample_id"], r["setting"], r.get("scorer"), float(r["ratio"])): r["score"]
-                        for r in run.rows if r["method"] == BASELINE and r.get("status") == "ok"}
-                per_sample: dict[tuple, list[float]] = defaultdict(list)
-                for r in run.rows:
-                    if r["method"] != m or r.get("status") != "ok":
-                        continue
-                    k = (r["task"], r["sample_id"], r["setting"], r.get("scorer"), float(r["ratio"]))
-                    if k in base:
-                        per_sample[(r["task"], r["sample_id"])].append(float(r["score"]) - float(base[k]))
-                for task in tasks:
-                    vals = [float(np.mean(v)) for (t, _), v in per_sample.items() if t == task]
-                    if vals:
-                        ci = bootstrap_ci(np.array(vals), n_boot=n_boot, seed=0)
-                        matrix[(run.label, task)] = (float(ci.estimate), float(ci.low), float(ci.high), len(vals))
-            if matrix:
-                out.append((model_runs[0].model, m, [r.label for r in model_runs], tasks, matrix))
+        labels = [run.label for run in model_runs]
+        for m in sorted({m for run in model_runs for m in run.methods if m not in REFERENCE_METHODS}):
+            try:
+                rows = merge_rows({run.label: run.rows for run in model_runs}, m)
+            except EvalError:  # no uniform rows, or runs that are not comparable: no matrix for this method
+                continue
+            cells = transfer_cells(rows, labels, m)
+            if cells:
+                out.append((model_runs[0].model, m, cells))
     return out
 
 
+def _verdict_class(c: dict) -> str:
+    """CSS class of a paired difference: good / bad when its CI excludes 0, else none."""
+    return "good" if c["diff_low"] > 0 else "bad" if c["diff_high"] < 0 else ""
+
+
 def transfer_html(runs: Sequence[Run]) -> str:
+    from depthkv.eval.transfer import panels
+
     mats = transfer_matrices(runs)
     if not mats:
         return ""
     parts = ["<h2>Transfer matrix</h2><p>Rows: the profile the budgets were allocated from (its calibration "
-             "family); columns: the evaluated task. Cell: gain over uniform (method - uniform, averaged over "
-             "ratios, scorers and settings per sample; mean over samples, 95 % bootstrap CI).</p>"]
-    for model, m, labels, tasks, matrix in mats:
-        parts.append(f"<h3>{_esc(m)} on {_esc(model)}</h3><table class=grid><tr><th>profile \\ task</th>"
-                     + "".join(f"<th>{_esc(t)}</th>" for t in tasks) + "</tr>")
-        for lab in labels:
-            tds = []
-            for t in tasks:
-                v = matrix.get((lab, t))
-                if v is None:
-                    tds.append("<td class=na>-</td>")
-                    continue
-                cls = "good" if v[1] > 0 else "bad" if v[2] < 0 else ""
-                tds.append(f"<td class='{cls}'>{v[0]:+.3f}<br><small>[{v[1]:+.3f}, {v[2]:+.3f}] n={v[3]}</small></td>")
-            parts.append(f"<tr><th>{_esc(lab)}</th>{''.join(tds)}</tr>")
-        parts.append("</table>")
+             "family); columns: the evaluated task. Cell: method - uniform, paired over the same samples, with its "
+             "95 % bootstrap CI, and the method's mean score (n samples); one table per setting, scorer and "
+             "ratio.</p>"]
+    for model, m, cells in mats:
+        _, tasks, grids = panels(cells)
+        for (setting, scorer, ratio), rows in grids:
+            parts.append(f"<h3>{_esc(m)} on {_esc(model)}: ratio {ratio:g} (query-{_esc(setting)}, {_esc(scorer)})"
+                         "</h3><table class=grid><tr><th>profile \\ task</th>"
+                         + "".join(f"<th>{_esc(t)}</th>" for t in tasks) + "</tr>")
+            for lab, row in rows:
+                tds = ["<td class=na>-</td>" if c is None else
+                       f"<td class='{_verdict_class(c)}'>{c['diff']:+.3f}<br><small>[{c['diff_low']:+.3f}, "
+                       f"{c['diff_high']:+.3f}] {m} {c['score']:.3f} n={c['n']}</small></td>" for c in row]
+                parts.append(f"<tr><th>{_esc(lab)}</th>{''.join(tds)}</tr>")
+            parts.append("</table>")
     return "\n".join(parts)
 
 
@@ -446,6 +494,7 @@ td.good{background:#d9f2d9} td.bad{background:#f7d4d4} td.na{color:#999}
 img{max-width:100%;border:1px solid #eee;margin:4px 0}
 code,pre{background:#f6f6f6;font-size:12px} pre{padding:6px;white-space:pre-wrap}
 .figs{display:flex;flex-wrap:wrap;gap:12px} .fig{flex:0 1 620px}
+p.warn{background:#fff3cd;border:1px solid #e0c36a;padding:6px 10px}
 small{color:#555}
 """
 
@@ -464,15 +513,18 @@ class _Figures:
         return self.folder / f"{_slug(name)}.png"
 
     def img(self, path: Path | None, caption: str, command: str | None = None) -> str:
+        """A figure at page width that links to its full-size PNG (saved beside the report)."""
         if path is None or not Path(path).exists():
             return ""
+        href = Path(path).resolve().relative_to(self.folder.parent.resolve()).as_posix()
         if self.embed:
             src = "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
         else:
-            src = Path(path).resolve().relative_to(self.folder.parent.resolve()).as_posix()
+            src = href
         cmd = f"<br><small>made by: <code>{_esc(command)}</code></small>" if command else ""
-        return (f"<div class=fig><img src='{src}' alt='{_esc(caption)}'><br><small>{_esc(caption)}</small>"
-                f"{cmd}</div>")
+        return (f"<div class=fig><a href='{_esc(href)}' target=_blank title='full-size image'>"
+                f"<img src='{src}' alt='{_esc(caption)}'></a><br><small>{_esc(caption)} "
+                f"(<a href='{_esc(href)}' target=_blank>full size</a>)</small>{cmd}</div>")
 
 
 def _command(cfg: dict) -> str:
@@ -486,13 +538,37 @@ def _command(cfg: dict) -> str:
             f"{run.get('context_tokens')}" + (f" --profile {run['profile']}" if run.get("profile") else ""))
 
 
-def run_section(run: Run, figs: _Figures, idx: int) -> str:
-    from depthkv.calibration.profile import Profile, ProfileError
+def missing_note(run: Run, root: Path | None = None) -> str:
+    """A visible note naming the unfinished folders of ``run`` and how many cells each lacks ('' if none)."""
+    if not run.missing:
+        return ""
+    items = "; ".join(f"<code>{_esc(_show_path(f, root))}</code>: {m:,} of {n:,} cells missing"
+                      for f, m, n in run.missing)
+    return (f"<p class=warn><b>Incomplete run.</b> {items}. Means and differences below cover only the cells "
+            "present; rerun the folder's eval command (it resumes) to finish it.</p>")
+
+
+def _show_path(path: Path, root: Path | None) -> str:
+    if root is not None:
+        for candidate in (Path(path), Path(path).resolve()):
+            try:
+                return candidate.relative_to(root).as_posix() or "."
+            except ValueError:
+                continue
+    return str(path)
+
+
+def run_section(run: Run, figs: _Figures, idx: int, root: Path | None = None) -> str:
+    """One run's section; absolute paths under ``root`` in commands and folder names are shown relative to it."""
+    from depthkv.allocation.profile import Profile, ProfileError
 
     cmds = [_command(c) for c in run.configs]
+    if root is not None:
+        cmds = [relative_command(c, root) for c in cmds]
     cfg0 = run.configs[0]["run"]
-    parts = [f"<h2>Run {idx}: {_esc(run.model)} &mdash; {_esc(run.label)}</h2>",
-             "<p>Folders: " + ", ".join(f"<code>{_esc(f)}</code>" for f in run.folders) + f"; {len(run.rows)} rows "
+    parts = [f"<h2>Run {idx}: {_esc(run.model)} &mdash; {_esc(run.label)}</h2>", missing_note(run, root),
+             "<p>Folders: " + ", ".join(f"<code>{_esc(_show_path(f, root))}</code>" for f in run.folders)
+             + f"; {len(run.rows)} rows "
              f"({sum(r.get('status') == 'infeasible' for r in run.rows)} infeasible). Context ~{cfg0.get('context_tokens')} "
              f"tokens; protected window {cfg0.get('n_sink')} sinks + {cfg0.get('n_recent')} recent"
              + ("; layer 0 protected" if cfg0.get("protect_first_layer") else "") + ".</p>",
@@ -533,7 +609,8 @@ def run_section(run: Run, figs: _Figures, idx: int) -> str:
                                    f"--probe-ratios {','.join(str(r) for r in d['probe_ratios'])} --scorer "
                                    f"{d['scorer']['name']}") or None))
         except (OSError, ProfileError, KeyError, json.JSONDecodeError) as exc:
-            parts.append(f"<p>profile {_esc(run.profile_path)} could not be read: {_esc(exc)}</p>")
+            parts.append(f"<p>profile {_esc(_show_path(Path(run.profile_path), root))} could not be read: "
+                         f"{_esc(exc)}</p>")
     p = plot_budgets(run.rows, figs.path(f"run{idx}_budgets"),
                      f"{run.model}: share of the context kept per layer (mean over samples)")
     parts.append(figs.img(p, "per-layer budgets used by each method", cmds[0]))
@@ -545,12 +622,29 @@ def run_section(run: Run, figs: _Figures, idx: int) -> str:
     return "\n".join(parts)
 
 
-def build_report(folders: Sequence[str | Path], out: str | Path, *, embed: bool = True) -> Path:
-    """Write the HTML report for the evaluation ``folders`` to ``out``; PNGs go to ``<out stem>_files/``."""
+def build_report(
+    folders: Sequence[str | Path],
+    out: str | Path,
+    *,
+    embed: bool = True,
+    warn: Callable[[str], None] | None = None,
+) -> Path:
+    """Write the HTML report for the evaluation ``folders`` to ``out``; PNGs go to ``<out stem>_files/``.
+
+    ``warn`` receives one line per unfinished folder (default: printed to stderr); the page notes it too.
+    Paths in commands are shown relative to the git repository holding the report (else the working folder).
+    """
     import depthkv
 
+    pyplot("depthkv report")  # a missing eval extra fails here, before anything is written
     out = Path(out)
     runs = load_runs(folders)
+    warn = warn or (lambda line: print(line, file=sys.stderr))
+    root = _repo_root(out.resolve().parent) or _repo_root(Path.cwd()) or Path.cwd()
+    for run in runs:
+        for f, missing, expected in run.missing:
+            warn(f"warning: {f}: {missing:,} of {expected:,} cells are missing (unfinished run); the report covers "
+                 "the cells present; rerun the folder's eval command to finish it")
     figs = _Figures(out.parent / f"{out.stem}_files", embed=embed)
     body = [f"<h1>depthkv evaluation report</h1><p>{len(runs)} run(s) from {len(folders)} folder(s); "
             f"depthkv {depthkv.__version__}; generated "
@@ -560,7 +654,7 @@ def build_report(folders: Sequence[str | Path], out: str | Path, *, embed: bool 
             f"(called only with at least {MIN_PAIRS} pairs).</p>"]
     body.append(transfer_html(runs))
     for i, run in enumerate(runs, 1):
-        body.append(run_section(run, figs, i))
+        body.append(run_section(run, figs, i, root))
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>depthkv report</title><style>{CSS}</style>"
             f"</head><body>{''.join(body)}</body></html>\n")
     out.parent.mkdir(parents=True, exist_ok=True)

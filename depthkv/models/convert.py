@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from depthkv.io import write_json
+
 from . import _report, cache
 from .errors import ModelFileError
 from .gguf_header import read_gguf_info
@@ -139,7 +141,7 @@ def convert_gguf(gguf_path: Path, key: str, *, source: dict[str, Any]) -> tuple[
             "timings": timings,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        cache.write_json_atomic(work / cache.MANIFEST_NAME, manifest)  # last: marks the build complete
+        write_json(work / cache.MANIFEST_NAME, manifest, sort_keys=True)  # last: marks the build complete
         final = cache.entry_dir(key)
         cache.install(work, final)  # also makes the folder world-readable (mkdtemp makes it 0700)
     except BaseException:

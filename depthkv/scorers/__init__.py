@@ -1,13 +1,18 @@
-"""Token scorers (one small class each) and their registry."""
+"""Token scorers (one small class per file) and their registry."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 from depthkv.scorers.base import ScoreInputs, Scorer, attention_blocks
-from depthkv.scorers.h2o import H2O, H2OValue
-from depthkv.scorers.simple import KeyNorm, RandomScorer, StreamingLLM
+from depthkv.scorers.expected_attention import ExpectedAttention
+from depthkv.scorers.h2o import H2O
+from depthkv.scorers.h2o_value import H2OValue
+from depthkv.scorers.key_norm import KeyNorm
+from depthkv.scorers.kvzip import KVzip
+from depthkv.scorers.random_scorer import RandomScorer
 from depthkv.scorers.snapkv import SnapKV
+from depthkv.scorers.streaming_llm import StreamingLLM
 
 SCORERS: dict[str, Callable[..., Scorer]] = {
     "h2o": H2O,
@@ -17,7 +22,12 @@ SCORERS: dict[str, Callable[..., Scorer]] = {
     "streaming": StreamingLLM,
     "knorm": KeyNorm,
     "random": RandomScorer,
+    "kvzip": KVzip,
+    "expected_attention": ExpectedAttention,
 }
+
+#: scorers that never look at the question: usable for contexts compressed before it is known
+QUERY_AGNOSTIC = ("kvzip", "expected_attention", "knorm", "streaming", "random")
 
 
 def get_scorer(name: str | Scorer, **options) -> Scorer:
@@ -32,6 +42,6 @@ def get_scorer(name: str | Scorer, **options) -> Scorer:
 
 
 __all__ = [
-    "SCORERS", "H2O", "H2OValue", "KeyNorm", "RandomScorer", "ScoreInputs", "Scorer", "SnapKV",
-    "StreamingLLM", "attention_blocks", "get_scorer",
+    "QUERY_AGNOSTIC", "SCORERS", "ExpectedAttention", "H2O", "H2OValue", "KVzip", "KeyNorm", "RandomScorer",
+    "ScoreInputs", "Scorer", "SnapKV", "StreamingLLM", "attention_blocks", "get_scorer",
 ]

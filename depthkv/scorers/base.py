@@ -2,7 +2,14 @@
 
 A scorer sees one layer's post-RoPE queries of the current forward, the layer's physical keys/values
 (already holding this forward's tokens) and the logical position of each key. It returns one score per
-(batch, KV head, key). GQA (design brief): score per query head, then average within each KV group.
+(batch, KV head, key). GQA: score per query head, then reduce within each KV group (mean for most scorers).
+
+Two kinds of scorer exist:
+
+* in-prefill scorers (SnapKV, H2O, ...) score the keys from the queries of the prefill itself;
+* context-pass scorers (``context_pass = True``, e.g. KVzip) need queries that are not in the prompt: after
+  the prefill the engine feeds extra tokens (a reconstruction of the context), the scorer reads the
+  attention those queries pay to the first ``n_context`` keys, and the extra tokens are dropped again.
 """
 
 from __future__ import annotations
@@ -22,10 +29,8 @@ class ScoreInputs:
     positions: torch.Tensor  # [B, KVH, K] logical positions of the keys
     scaling: float  # softmax scale of the model's attention (1/sqrt(d) for most models)
     layer_idx: int
-
-    @property
-    def n_groups(self) -> int:
-        return self.query.shape[1] // self.key.shape[1]
+    inv_freq: torch.Tensor | None = None  # [d/2] RoPE inverse frequencies of the model (None: unknown)
+    n_context: int | None = None  # context-pass forwards: keys [0, n_context) are the context being scored
 
 
 class Scorer:
@@ -34,12 +39,14 @@ class Scorer:
     name: ClassVar[str] = ""
     cumulative: ClassVar[bool] = False
     needs_attention: ClassVar[bool] = False
+    context_pass: ClassVar[bool] = False
 
     def score(self, x: ScoreInputs) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
+    def bind(self, tokenizer) -> Scorer:
+        """This scorer, completed with what it needs from the tokenizer (most need nothing)."""
+        return self
 
 
 def grouped_queries(x: ScoreInputs) -> torch.Tensor:

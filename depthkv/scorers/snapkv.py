@@ -6,20 +6,24 @@ window. In a chunked prefill the window is the last ``window`` queries of the cu
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from depthkv.scorers.base import ScoreInputs, Scorer, attention_blocks
 
 
+@dataclass
 class SnapKV(Scorer):
+    window: int = 32
+    kernel: int = 5
     name = "snapkv"
     needs_attention = True
 
-    def __init__(self, window: int = 32, kernel: int = 5):
-        if window < 1 or kernel < 1 or kernel % 2 == 0:
-            raise ValueError(f"SnapKV needs window >= 1 and an odd kernel >= 1, got {window}, {kernel}")
-        self.window, self.kernel = window, kernel
+    def __post_init__(self) -> None:
+        if self.window < 1 or self.kernel < 1 or self.kernel % 2 == 0:
+            raise ValueError(f"SnapKV needs window >= 1 and an odd kernel >= 1, got {self.window}, {self.kernel}")
 
     def score(self, x: ScoreInputs) -> torch.Tensor:
         nq, nk = x.query.shape[2], x.key.shape[2]
@@ -34,6 +38,3 @@ class SnapKV(Scorer):
                                  count_include_pad=False).reshape(b, h, k)
         votes[..., nk - w:] = votes.max() + 1.0
         return votes
-
-    def __repr__(self) -> str:
-        return f"SnapKV(window={self.window}, kernel={self.kernel})"

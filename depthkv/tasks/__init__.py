@@ -6,12 +6,23 @@
     score(samples[0], output_text)
 
 Task families (:data:`TASKS`): ``needle``, ``multikey``, ``vartrack``, ``gsm_inf``, ``code_next_line``,
-``summarise`` and ``jsonl``.  The haystack text comes from the running Python's standard library
+``summarise``, ``multihop`` (two-hop QA across documents), ``docqa`` (document QA among distractor
+documents) and ``jsonl``.  The haystack text comes from the running Python's standard library
 (docstrings, reference manual topics, licence, source files), so it depends on the Python version; see
 :mod:`depthkv.tasks.corpus`.
 """
 
-from depthkv.tasks import code_next_line, gsm_inf, jsonl, multikey, needle, summarise, vartrack  # noqa: F401
+from depthkv.tasks import (  # noqa: F401
+    code_next_line,
+    docqa,
+    gsm_inf,
+    jsonl,
+    multihop,
+    multikey,
+    needle,
+    summarise,
+    vartrack,
+)
 from depthkv.tasks._common import approx_tokens
 from depthkv.tasks.corpus import corpus_fingerprint, corpus_id, haystack
 from depthkv.tasks.jsonl import TaskDataError, load_jsonl
@@ -19,6 +30,8 @@ from depthkv.tasks.metrics import (
     METRICS,
     MetricSpec,
     edit_similarity,
+    exact_match,
+    f1_score,
     normalise,
     number_match,
     register_metric,
@@ -53,6 +66,8 @@ __all__ = [
     "corpus_fingerprint",
     "corpus_id",
     "edit_similarity",
+    "exact_match",
+    "f1_score",
     "generate",
     "haystack",
     "load_jsonl",

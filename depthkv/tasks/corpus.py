@@ -42,6 +42,8 @@ import sysconfig
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from depthkv.io import write_json
+
 __all__ = [
     "Passage",
     "Document",
@@ -280,11 +282,8 @@ def _all_documents() -> tuple[Document, ...]:
         pass
     docs = _parse_documents()
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump([{"source": d.source, "title": d.title, "paragraphs": d.paragraphs} for d in docs], fh)
-        os.replace(tmp, path)
+        write_json(path, [{"source": d.source, "title": d.title, "paragraphs": d.paragraphs} for d in docs],
+                   indent=None)
     except OSError:
         pass  # read-only home: just parse again next time
     return docs

@@ -4,7 +4,10 @@ Every metric is registered in :data:`METRICS` as ``fn(sample, output, reference,
 :func:`score` looks the sample's metric up there.  Each :class:`MetricSpec` names its headline key
 (``primary``) for tables and plots.
 
-ROUGE uses Google's ``rouge-score`` package (``pip install rouge-score``; F1, Porter stemming on).
+ROUGE uses Google's ``rouge-score`` package (the ``eval`` extra: ``pip install 'depthkv[eval]'``; F1,
+Porter stemming on).
+Question answering uses SQuAD's exact match and token F1 (Rajpurkar et al., 2016), the metrics behind the
+HotpotQA / Qasper numbers of LongBench-style evaluations.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import functools
 import re
 import string
 import unicodedata
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -24,6 +28,8 @@ __all__ = [
     "register_metric",
     "normalise",
     "substring_match",
+    "exact_match",
+    "f1_score",
     "set_match",
     "number_match",
     "last_number",
@@ -62,6 +68,29 @@ def substring_match(output: str, answer: str) -> float:
     if not a:
         return 0.0
     return float(f" {a} " in f" {o} ")
+
+
+def exact_match(output: str, answer: str) -> float:
+    """SQuAD exact match: 1.0 if the normalised output equals the normalised answer, else 0.0.
+
+    Case, punctuation, articles and spacing do not matter (``"The Tampere."`` matches ``"tampere"``);
+    any extra word does (``"It is Tampere"`` does not).
+    """
+    return float(normalise(output) == normalise(answer))
+
+
+def f1_score(output: str, answer: str) -> float:
+    """SQuAD token F1: harmonic mean of precision and recall of the normalised output's words against
+    the normalised answer's words (multiset overlap), so a partly right or wordy answer gets partial
+    credit.  If either side normalises to nothing, 1.0 only when both do."""
+    pred, gold = normalise(output).split(), normalise(answer).split()
+    if not pred or not gold:
+        return float(pred == gold)
+    same = sum((Counter(pred) & Counter(gold)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred), same / len(gold)
+    return 2 * precision * recall / (precision + recall)
 
 
 def set_match(
@@ -147,10 +176,9 @@ def first_code_line(output: str) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _rouge_scorer():
-    try:
-        from rouge_score import rouge_scorer
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("ROUGE needs the 'rouge-score' package: pip install rouge-score") from e
+    from depthkv.extras import require
+
+    rouge_scorer = require("rouge_score.rouge_scorer", "the ROUGE metric", package="rouge-score")
     return rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
 
 
@@ -205,6 +233,33 @@ def _m_substring(sample: Sample, output: str, reference: str | None, count_token
     return {"substring": substring_match(output, sample.answer)}
 
 
+def _answers(sample: Sample) -> list[str]:
+    """The gold answer and any alternatives in ``meta["aliases"]`` (scores take the best, as SQuAD does)."""
+    aliases = sample.meta.get("aliases") or []
+    if isinstance(aliases, str) or not all(isinstance(a, str) for a in aliases):
+        raise ValueError(f"sample {sample.id}: meta['aliases'] must be a list of strings")
+    return [sample.answer, *aliases]
+
+
+def _qa(sample: Sample, output: str) -> dict[str, float]:
+    golds = _answers(sample)
+    return {"f1": max(f1_score(output, g) for g in golds), "em": max(exact_match(output, g) for g in golds)}
+
+
+@register_metric(
+    "f1", description="SQuAD token F1 of the output vs the answer (exact match reported as 'em')"
+)
+def _m_f1(sample: Sample, output: str, reference: str | None, count_tokens) -> dict[str, float]:
+    return _qa(sample, output)
+
+
+@register_metric(
+    "em", description="SQuAD exact match of the output vs the answer (token F1 reported as 'f1')"
+)
+def _m_em(sample: Sample, output: str, reference: str | None, count_tokens) -> dict[str, float]:
+    return _qa(sample, output)
+
+
 @register_metric("set_match", description="share of expected items named (answer is comma-separated)")
 def _m_set(sample: Sample, output: str, reference: str | None, count_tokens) -> dict[str, float]:
     expected = [a.strip() for a in sample.answer.split(",") if a.strip()]
@@ -223,7 +278,7 @@ def _m_edit(sample: Sample, output: str, reference: str | None, count_tokens) ->
 
 
 @register_metric(
-    "rouge", primary="rougeL", description="ROUGE-1/2/L F1 and YapScore vs the full-cache output"
+    "rouge", primary="rouge1", description="ROUGE-1/2/L F1 and YapScore vs the full-cache output"
 )
 def _m_rouge(sample: Sample, output: str, reference: str | None, count_tokens) -> dict[str, float]:
     ref = reference if reference is not None else sample.answer

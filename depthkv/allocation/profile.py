@@ -1,9 +1,16 @@
 """The sensitivity profile: a versioned JSON file bound to one model (no pickle anywhere).
 
+Written by ``depthkv calibrate`` (``depthkv.calibration``), read by the allocators through ``Profile.view()``
+and by ``BudgetSpec`` (``depthkv.allocation.builder``); it lives beside allocation because it is the
+allocators' input, and it imports nothing above ``depthkv.allocation``.
+
 Schema (``schema_version`` 1), top-level keys:
   schema_version, kind="depthkv-profile", created (ISO time), package_version, seed
   model: {name, model_type, n_layers, n_heads, n_kv_heads, head_dim, config_sha256}
   scorer: {name, options}; protection: {n_sink, n_recent}
+  setting: "aware" (question inside the pruned prefill) | "agnostic" (context pruned before the question is
+    known); files written before this field existed read as "aware". ``check_use`` refuses a profile used
+    with another scorer or setting than it was calibrated in.
   probe_ratios: [r...] (1.0 = only the protected window kept)
   curves: {"kl"|"nll": {"mean": [L][R], "lo": [L][R], "hi": [L][R]}}   95 % percentile bootstrap CIs
   samples: {"kl"|"nll": [S][L][R]} raw per-sample degradations (small; kept so that statistics can be redone)
@@ -11,15 +18,15 @@ Schema (``schema_version`` 1), top-level keys:
   permutation: {"kl"|"nll": {str(ratio): {statistic, p_value, effect_size, n_perm, null_mean, null_std}}}
   proxy: ProxyResult.to_dict() or null; spearman: [{metric, stage, rho, p}] or null; best_proxy: {...} or null
   data: {description, sha256 (of the calibration token ids), n_samples, tasks}
-  timings: {prefill_and_ablation_s, proxy_s, total_s}
+  timings: {prefill_and_ablation_s, proxy_s, total_s, refine_s (when refined)}
+  refined (optional, ``depthkv refine``): {str(ratio): {shares: [L] kept share of the context per layer,
+    start: "optimal", joint_kl_start, joint_kl_refined, rounds, samples, seconds, ...}}
 A profile made for another model (different config hash or layer count) is refused with an error.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,9 +34,11 @@ from typing import Any
 import numpy as np
 
 from depthkv.allocation.sensitivity import SensitivityView
+from depthkv.io import write_json
 
 SCHEMA_VERSION = 1
 KIND = "depthkv-profile"
+SETTINGS = ("aware", "agnostic")
 
 
 class ProfileError(ValueError):
@@ -38,12 +47,24 @@ class ProfileError(ValueError):
 
 @dataclass
 class Profile:
+    """A loaded profile: ``data`` is the JSON document above; the accessors read the parts allocators use."""
+
     data: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ accessors
     @property
     def n_layers(self) -> int:
         return int(self.data["model"]["n_layers"])
+
+    @property
+    def setting(self) -> str:
+        """Where the question was during calibration: "aware" (in the pruned prefill) or "agnostic" (after it)."""
+        return str(self.data.get("setting") or "aware")
+
+    @property
+    def scorer_name(self) -> str | None:
+        """The token scorer the probes pruned with (None in hand-made files that do not record one)."""
+        return (self.data.get("scorer") or {}).get("name")
 
     @property
     def probe_ratios(self) -> tuple[float, ...]:
@@ -63,22 +84,9 @@ class Profile:
         proxy = self.data.get("proxy")
         if proxy and self.data.get("infonce_per_layer") is not None:
             infonce = np.asarray(self.data["infonce_per_layer"], dtype=float)
-        return SensitivityView(self.probe_ratios, np.clip(self.curve(metric), 0.0, None), infonce)
-
-    def policy(self, strategy: str, ratio: float, *, protected=(), min_tokens: int = 1, **options):
-        """A budget policy (context length -> Budgets) for ``strategy`` at ``ratio`` from this profile."""
-        from depthkv.allocation import allocate
-        from depthkv.allocation.budgets import check_ratio
-
-        ratio = check_ratio(ratio)
-        view = self.view()
-
-        def make(n: int):
-            return allocate(strategy, self.n_layers, n, ratio, sensitivity=view, protected=protected,
-                            min_tokens=min(n, min_tokens), **options)
-
-        make(max(min_tokens, 1) * 64)  # fail now, not mid-generation, on an infeasible request
-        return make
+        refined = {float(r): entry["shares"] for r, entry in (self.data.get("refined") or {}).items()}
+        return SensitivityView(self.probe_ratios, np.clip(self.curve(metric), 0.0, None), infonce,
+                               refined=refined or None)
 
     # ------------------------------------------------------------------ binding
     def check_model(self, identity: dict[str, Any]) -> None:
@@ -93,21 +101,34 @@ class Profile:
                     "calibrate this model first (depthkv calibrate)"
                 )
 
+    def check_use(self, scorer_name: str | None, setting: str | None, force: bool = False) -> None:
+        """Raise unless this profile was calibrated with ``scorer_name`` in ``setting`` (None: not checked).
+
+        Sensitivity depends on which tokens the scorer keeps and on whether the question was in the pruned
+        prefill, so a profile only ranks layers correctly where it is used as it was measured. ``force``
+        skips the check (deliberate transfer experiments).
+        """
+        if setting is not None and setting not in SETTINGS:
+            raise ProfileError(f"unknown setting {setting!r}; choose one of: {', '.join(SETTINGS)}")
+        if force:
+            return
+        mine = self.scorer_name
+        scorer_ok = scorer_name is None or mine is None or scorer_name == mine
+        if scorer_ok and (setting is None or setting == self.setting):
+            return
+        want_scorer = scorer_name if scorer_name is not None else mine
+        want_setting = setting if setting is not None else self.setting
+        flags = (f"--scorer {want_scorer} " if want_scorer else "") + f"--setting {want_setting}"
+        raise ProfileError(
+            f"the profile was calibrated with scorer {mine!r} in the {self.setting} setting but is used with "
+            f"scorer {want_scorer!r} in the {want_setting} setting: calibrate one with `depthkv calibrate "
+            f"{flags}`, or force its use (--force-profile, force_profile=True)"
+        )
+
     # ------------------------------------------------------------------ files
     def save(self, path: str | Path) -> None:
         """Write atomically: a crash never leaves a half-written profile behind."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".profile-", suffix=".json")
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(self.data, fh, indent=1)
-                fh.write("\n")
-            os.chmod(tmp, 0o644)  # mkstemp creates 0600; a profile is meant to be shared
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_json(path, self.data, indent=1)
 
     @classmethod
     def load(cls, path: str | Path, identity: dict[str, Any] | None = None) -> Profile:
@@ -123,6 +144,8 @@ class Profile:
         for key in ("model", "probe_ratios", "curves"):
             if key not in data:
                 raise ProfileError(f"{path} lacks the field {key!r}")
+        if data.get("setting", "aware") not in SETTINGS:
+            raise ProfileError(f"{path} has setting {data.get('setting')!r}; expected one of: {', '.join(SETTINGS)}")
         prof = cls(data)
         if identity is not None:
             prof.check_model(identity)

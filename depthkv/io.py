@@ -1,0 +1,52 @@
+"""Atomic file writes: a reader, or a crash half-way, never sees a half-written file.
+
+Every JSON and CSV file depthkv writes (profiles, budget vectors, evaluation configs and summaries, transfer
+tables, the model cache's manifests) goes through :func:`atomic_write`: the text is written to a temporary
+file in the destination folder, flushed and fsynced, then renamed over the destination with ``os.replace``
+(atomic on POSIX and Windows when both names lie on one file system, which the shared folder guarantees).
+This module imports nothing from depthkv, so every package may use it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = ["atomic_write", "write_json"]
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, *, newline: str | None = None, mode: int = 0o644) -> Iterator[IO[str]]:
+    """A UTF-8 text file that replaces ``path`` when the ``with`` block ends without an exception.
+
+    The parent folder is created. On an exception the temporary file is removed and ``path`` keeps its old
+    content (or stays absent). ``newline`` is passed to ``open`` (``""`` for the csv module); ``mode`` is
+    the final file's permission bits (``mkstemp`` creates 0600; results are meant to be shared).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline=newline) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | os.PathLike, data: Any, *, indent: int | None = 2, sort_keys: bool = False) -> Path:
+    """Write ``data`` as JSON (UTF-8, one trailing newline) to ``path`` atomically; return the path."""
+    with atomic_write(path) as fh:
+        json.dump(data, fh, indent=indent, sort_keys=sort_keys, ensure_ascii=False)
+        fh.write("\n")
+    return Path(path)

@@ -1,0 +1,87 @@
+"""KVzip (Kim et al. 2025, arXiv 2505.23416): query-agnostic scores from reconstructing the context.
+
+After the context is prefilled, the model is asked to repeat it ("Repeat the previous context exactly.")
+and is teacher-forced with the context itself. A KV pair that the reconstruction needs is attended to
+strongly by some reconstruction query; one that nobody looks at while the whole context is rewritten is
+unlikely to matter for any later question. Score of context token j in KV head h = the largest attention
+probability it receives from any reconstruction query of any query head of h's group.
+
+The engine runs the reconstruction (``depthkv.engine.reconstruct``): the context is replayed in chunks
+(``replay_chunk`` tokens each, so 32k+ contexts fit), each chunk after the repeat prompt (and, from the second
+chunk on, the last ``overlap`` tokens of the previous one, so the model knows where to resume); scores are
+max-accumulated over chunks and the replayed tokens are dropped from the cache again. Its cost is about one
+more prefill of the context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from depthkv.scorers.base import ScoreInputs, Scorer, attention_blocks
+
+FIRST_PROMPT = "\n\nRepeat the previous context exactly."
+NEXT_PROMPT = "\n\nRepeat the part of the previous context exactly, starting with"
+
+
+@dataclass
+class KVzip(Scorer):
+    """Max attention received during context reconstruction, per KV head (GQA-aware: max over the group).
+
+    ``prompt_ids`` / ``next_prompt_ids``: token ids put before the replayed first / later chunks (the repeat
+    instruction, closing the user turn and opening the assistant's when the tokenizer has a chat template).
+    ``bind(tokenizer)`` fills them; without a tokenizer give them yourself.
+    """
+
+    replay_chunk: int = 2048
+    overlap: int = 8
+    prompt_ids: tuple[int, ...] | None = None
+    next_prompt_ids: tuple[int, ...] | None = None
+    name = "kvzip"
+    needs_attention = True
+    context_pass = True
+
+    def __post_init__(self) -> None:
+        if self.replay_chunk < 1 or self.overlap < 0:
+            raise ValueError(f"KVzip needs replay_chunk >= 1 and overlap >= 0, got {self.replay_chunk}, {self.overlap}")
+        if self.prompt_ids is not None:
+            self.prompt_ids = tuple(int(t) for t in self.prompt_ids)
+            self.next_prompt_ids = tuple(int(t) for t in (self.next_prompt_ids or self.prompt_ids))
+
+    @property
+    def ready(self) -> bool:
+        return self.prompt_ids is not None
+
+    def bind(self, tokenizer) -> KVzip:
+        """A copy with the repeat prompts encoded for ``tokenizer`` (chat-formatted when it has a template)."""
+        if tokenizer is None:
+            return self
+        suffix = assistant_turn_opening(tokenizer)
+        first = _encode(tokenizer, FIRST_PROMPT) + suffix
+        later = _encode(tokenizer, NEXT_PROMPT) + suffix
+        return KVzip(self.replay_chunk, self.overlap, tuple(first), tuple(later))
+
+    def score(self, x: ScoreInputs) -> torch.Tensor:
+        if x.n_context is None:
+            raise ValueError("KVzip scores context keys from a reconstruction pass; n_context is missing")
+        n = x.n_context
+        best = torch.zeros(x.key.shape[0], x.key.shape[1], n, dtype=torch.float32, device=x.key.device)
+        for _, _, probs in attention_blocks(x):
+            best = torch.maximum(best, probs[..., :n].amax(dim=(2, 3)))
+        return best
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def assistant_turn_opening(tokenizer) -> list[int]:
+    """Token ids that close a user turn and open the assistant's (empty without a chat template)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return _encode(tokenizer, "\n")
+    marker = "\u2063KVZIP\u2063"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "x" + marker}], tokenize=False,
+                                         add_generation_prompt=True)
+    tail = text.split(marker, 1)[-1]
+    return _encode(tokenizer, tail)

@@ -1,0 +1,157 @@
+"""Question-independent scorers: KVzip (context reconstruction) and Expected Attention, on tiny models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+import depthkv
+from depthkv.engine import Protection, score_prefill
+from depthkv.engine.cache import layer_lengths
+from depthkv.engine.reconstruct import ContextPassError, replay_inputs
+from depthkv.scorers import ExpectedAttention, KVzip, ScoreInputs, get_scorer
+from depthkv.scorers.expected_attention import rope_matrix, rotate
+
+PROMPT = (7, 8, 9)
+
+
+def _ids(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(5, 250, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _reference_kvzip(model, ctx: torch.Tensor, scorer: KVzip) -> list[torch.Tensor]:
+    """Max attention from replayed tokens to each context key, from plain full forwards (eager attentions)."""
+    n = ctx.shape[1]
+    kvh = model.config.num_key_value_heads
+    best = None
+    for chunk in replay_inputs(scorer, ctx):
+        full = torch.cat([ctx, chunk], dim=1)
+        with torch.no_grad():
+            att = model(full, output_attentions=True).attentions  # per layer [1, H, T, T]
+        per = []
+        for a in att:
+            a = a[0, :, n:, :n]  # replayed queries -> context keys: [H, R, N]
+            per.append(a.reshape(kvh, -1, a.shape[-2], n).amax(dim=(1, 2))[None])
+        best = per if best is None else [torch.maximum(b, p) for b, p in zip(best, per)]
+    return best
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("chunk", [200, 33])
+def test_kvzip_scores_equal_attention_of_full_forwards(tiny_models, arch, chunk):
+    model = tiny_models(arch, "eager")
+    ctx = _ids(90)
+    scorer = KVzip(replay_chunk=chunk, prompt_ids=PROMPT)
+    sp = score_prefill(model, ctx, [scorer], Protection())
+    ref = _reference_kvzip(model, ctx, scorer)
+    assert sp.context_pass.forwards == math.ceil(90 / chunk)
+    for got, want in zip(sp.scores["kvzip"], ref):
+        assert got.shape == (1, 2, 90)  # one score per KV head (GQA: max over the group's 2 query heads)
+        torch.testing.assert_close(got, want.float(), atol=2e-5, rtol=1e-4)
+    # the replayed tokens are gone again: the cache holds exactly the context
+    assert layer_lengths(sp.cache) == [90] * 4 and sp.cache.get_seq_length() == 90
+
+
+def test_kvzip_replay_layout():
+    s = KVzip(replay_chunk=4, overlap=2, prompt_ids=(1,), next_prompt_ids=(2,))
+    chunks = replay_inputs(s, torch.arange(10, 20)[None])
+    assert [c[0].tolist() for c in chunks] == [[1, 10, 11, 12, 13], [2, 12, 13, 14, 15, 16, 17], [2, 16, 17, 18, 19]]
+
+
+def test_kvzip_without_prompt_says_how_to_fix(tiny_models):
+    with pytest.raises(ContextPassError, match="tokenizer"):
+        score_prefill(tiny_models(), _ids(40), [KVzip()], Protection())
+
+
+def test_kvzip_bind_builds_chat_prompt():
+    class Tok:
+        chat_template = "x"
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) % 97 for c in text]}
+
+        def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+            return f"<u>{messages[0]['content']}</u><a>"
+
+    s = KVzip().bind(Tok())
+    assert s.ready and s.prompt_ids[-4:] == tuple(ord(c) % 97 for c in "</u><a>")[-4:]
+    assert len(s.next_prompt_ids) > len(s.prompt_ids)
+
+
+def test_rotate_matches_transformers_rope():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    inv = 1.0 / (10000 ** (torch.arange(0, 8, 2).float() / 8))
+    ang = torch.arange(5).float()[:, None] * inv
+    emb = torch.cat([ang, ang], dim=-1)
+    hq, _ = apply_rotary_pos_emb(q, k, emb.cos()[None], emb.sin()[None])
+    torch.testing.assert_close(rotate(q, ang), hq)
+    torch.testing.assert_close(rotate(hq, -ang), q, atol=1e-6, rtol=1e-6)
+    r = rope_matrix(inv, torch.arange(5))
+    torch.testing.assert_close(torch.einsum("tij,bhtj->bhti", r.float(), q), hq, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cov", [False, True])
+def test_expected_attention_matches_its_formula(cov):
+    """E[exp(s q.k)] for q ~ N(R mu, R S R^T), soft-maxed over keys, mean over the group, times ||v||."""
+    torch.manual_seed(1)
+    b, kvh, g, n, d = 1, 2, 2, 24, 8
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2).double() / d))
+    pos = torch.arange(n)
+    q_pre = torch.randn(b, kvh * g, n, d, dtype=torch.float64)
+    q = rotate(q_pre, pos[None, None, :, None].double() * inv).float()
+    key, value = torch.randn(b, kvh, n, d), torch.randn(b, kvh, n, d)
+    x = ScoreInputs(q, key, value, pos.expand(b, kvh, n), 1 / math.sqrt(d), 0, inv.float())
+    got = ExpectedAttention(n_future=16, n_sink=4, use_covariance=cov).score(x)
+    stats = q_pre[:, :, 4:].reshape(b, kvh, g, n - 4, d)
+    mu = stats.mean(dim=3)
+    r = torch.stack([rope_matrix(inv, torch.tensor([t]))[0] for t in range(n, n + 16)]).mean(0)
+    logits = torch.einsum("bhgd,bhkd->bhgk", mu @ r.T, key.double()) / math.sqrt(d)
+    if cov:
+        c = stats - mu[:, :, :, None]
+        sigma = r @ (torch.einsum("bhgqi,bhgqj->bhgij", c, c) / (n - 4)) @ r.T
+        logits = logits + 0.5 / d * torch.einsum("bhki,bhgij,bhkj->bhgk", key.double(), sigma, key.double())
+    want = torch.softmax(logits, -1).mean(2) * value.double().norm(dim=-1)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("scorer", ["kvzip", "expected_attention"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_shapes_on_tiny_models(tiny_models, scorer, arch):
+    opts = {"prompt_ids": PROMPT} if scorer == "kvzip" else {}
+    sp = score_prefill(tiny_models(arch), _ids(64), [get_scorer(scorer, **opts)], Protection())
+    for s in sp.scores[scorer]:
+        assert s.shape == (1, 2, 64) and torch.isfinite(s).all() and (s >= 0).all()
+
+
+@pytest.mark.parametrize("scorer", ["kvzip", "expected_attention"])
+@pytest.mark.parametrize("mode", ["post", "chunked"])
+def test_ratio_zero_is_the_full_cache(tiny_models, scorer, mode):
+    model = tiny_models("qwen2")
+    ctx, question = _ids(80), _ids(6, seed=3)
+    opts = {"prompt_ids": PROMPT, "replay_chunk": 30} if scorer == "kvzip" else {}
+    ids = torch.cat([ctx, question], dim=1)
+    want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+    p = depthkv.press(model, scorer, 0.0, mode=mode, chunk_size=32, **opts)
+    comp = p.compress(ctx)
+    assert layer_lengths(comp.cache) == [80] * 4
+    got = p.answer(comp, question, max_new_tokens=8, do_sample=False)
+    assert got.tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("mode", ["post", "chunked"])
+def test_kvzip_prunes_to_budget_in_generate_and_compress(tiny_models, mode):
+    model = tiny_models("llama")
+    ids = _ids(100)
+    p = depthkv.press(model, "kvzip", 0.6, mode=mode, chunk_size=40, prompt_ids=PROMPT)
+    comp = p.compress(ids)
+    assert layer_lengths(comp.cache) == [40] * 4
+    with p:
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+        assert p.session.kept_kv_bytes is not None
+    # generate prefilled all but the last prompt token, pruned to 40% of those 99
+    assert p.budgets.tokens == (40, 40, 39, 39) or sum(p.budgets.tokens) == round(4 * 99 * 0.4)
+    assert out.shape[1] == 104
