@@ -332,7 +332,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     import depthkv
     from depthkv.engine import full_kv_bytes
-    from depthkv.engine.static import FastConfig, FastDecodeError
+    from depthkv.engine.static import FastConfig
 
     if args.fast and args.sample:
         raise SystemExit("error: --fast decodes greedily; it cannot be combined with --sample")

@@ -32,11 +32,13 @@ def test_ratio_zero_is_token_identical_on_smollm2(smol, prompt, impl):
     try:
         gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=smol.tokenizer.eos_token_id)
         ref = model.generate(ids, **gen)
-        for mode in ("post", "chunked"):
-            for scorer in SCORERS:
-                with depthkv.press(model, scorer, ratio=0.0, mode=mode, chunk_size=128):
-                    out = model.generate(ids, **gen)
-                assert torch.equal(out, ref), (impl, mode, scorer)
+        # every scorer after the prefill; chunked mode (which re-scores per chunk) for one scorer of each kind:
+        # attention votes, running sums, and a context replay (kvzip finds the tokenizer next to the weights)
+        cases = [("post", s) for s in SCORERS] + [("chunked", s) for s in ("snapkv", "h2o", "kvzip")]
+        for mode, scorer in cases:
+            with depthkv.press(model, scorer, ratio=0.0, mode=mode, chunk_size=128):
+                out = model.generate(ids, **gen)
+            assert torch.equal(out, ref), (impl, mode, scorer)
     finally:
         model.config._attn_implementation = saved
 

@@ -21,8 +21,8 @@ from depthkv.allocation.budgets import BudgetError, Budgets, check_ratio
 from depthkv.allocation.builder import BudgetPolicy, BudgetSpec
 from depthkv.engine.cache import clone_cache, kv_bytes
 from depthkv.engine.compressed import CompressedContext, CompressionSettings, profile_sha256
-from depthkv.engine.runner import cache_kwarg, check_input_ids, chunked_prefill, forward_with_cache, new_cache
 from depthkv.engine.reconstruct import reconstruct_scores
+from depthkv.engine.runner import cache_kwarg, check_input_ids, chunked_prefill, forward_with_cache, new_cache
 from depthkv.engine.session import Plan, Protection, Session
 from depthkv.engine.static import FastConfig, FastDecodeError, check_greedy, check_model, fast_generate
 from depthkv.scorers import Scorer, get_scorer

@@ -1,14 +1,19 @@
 """Multi-document contexts and invented entities for the question-answering tasks (multihop, docqa).
 
 A context is a run of real documents from the corpus (reference-manual topics, module documentation, the
-licence), each under a numbered title line, in the style of multi-document QA benchmarks (HotpotQA
-paragraphs, Qasper sections)::
+licence), each under its title line, in the style of multi-document QA benchmarks (HotpotQA paragraphs,
+Qasper sections)::
 
-    Document 1: Module json.decoder
-    <text of that document, cut at a sentence end>
+    Module json.decoder
+    <text of that document, cut at a sentence end; paragraphs separated by one blank line>
 
-    Document 2: Augmented assignment statements
+
+    Augmented assignment statements
     ...
+
+Documents are separated by two blank lines (paragraphs never contain a newline, so the separator is
+unambiguous).  Titles are not numbered: small models otherwise tend to continue the numbered list instead of
+answering.
 
 Fact sentences are inserted into chosen documents at sentence boundaries.  Entities (people, cities,
 codenames, module names) come from fixed pools minus every word or phrase that occurs anywhere in the
@@ -26,9 +31,8 @@ from collections.abc import Mapping, Sequence
 from depthkv.tasks._common import CountFn, haystack_budget, insert_at_depths
 from depthkv.tasks.corpus import Document, documents, split_of, truncate_to
 
-HEADER = "Document {k}: {title}\n"
-DOC_SEP = "\n\n"
-DOC_LINE = re.compile(r"^Document (\d+): (.*)$", re.M)
+HEADER = "{title}\n"
+DOC_SEP = "\n\n\n"
 
 FIRST_NAMES = (
     "Ilse", "Oskar", "Greta", "Tobias", "Ingrid", "Matthias", "Sofie", "Anouk", "Joris", "Lieke", "Bram",
@@ -214,7 +218,7 @@ class MultiDoc:
             slots = max(1, min_docs - i)
             sep = count(DOC_SEP) if i else 0
             # the header's cost, estimated with a typical title before the document is chosen
-            goal = int(missing / slots) - sep - count(HEADER.format(k=i + 1, title="Module xml.sax"))
+            goal = int(missing / slots) - sep - count(HEADER.format(title="Module xml.sax"))
             if goal <= 0:
                 raise ValueError(f"{task}: context_tokens={target} is too small for {min_docs} documents")
             need = chars_per_unit * goal
@@ -241,7 +245,7 @@ class MultiDoc:
         return [d.source for d in self.docs]
 
     def _header(self, i: int) -> str:
-        return HEADER.format(k=i + 1, title=self.docs[i].title)
+        return HEADER.format(title=self.docs[i].title)
 
     def _cut(self, text: str, goal: int, *, last: bool) -> str:
         if goal <= 0:
@@ -287,10 +291,5 @@ class MultiDoc:
 
 
 def split_documents(context: str) -> list[tuple[str, str]]:
-    """``(title, text)`` of each ``Document k: title`` section of a multi-document context, in order."""
-    heads = list(DOC_LINE.finditer(context))
-    out = []
-    for j, m in enumerate(heads):
-        end = heads[j + 1].start() if j + 1 < len(heads) else len(context)
-        out.append((m.group(2), context[m.end() + 1 : end]))
-    return out
+    """``(title, text)`` of each document of a multi-document context, in order."""
+    return [tuple(part.split("\n", 1)) for part in context.split(DOC_SEP)]

@@ -35,8 +35,8 @@ def _make(
     count: CountFn,
     counter_name: str,
     split: str,
-    num_distractors: int = 3,
-    relation_decoys: int = 1,
+    num_distractors: int = 1,
+    relation_decoys: int = 0,
     num_docs: int = 4,
 ) -> list[Sample]:
     """``num_distractors`` other-module chains, ``relation_decoys`` same-module chains under other
