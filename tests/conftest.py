@@ -52,3 +52,46 @@ def tiny_models():
 def prompt_ids():
     gen = torch.Generator().manual_seed(1)
     return torch.randint(0, 256, (1, 96), generator=gen)
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def trained_bpe_tokenizer():
+    """A small byte-level BPE trained on the calibration corpus (400 ids) with a chat template; no download."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from depthkv.tasks import corpus
+
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([p.text for p in corpus.prose_passages("calib")[:60]], trainer)
+    t = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<|im_end|>")
+    t.chat_template = CHAT_TEMPLATE
+    return t
+
+
+def tiny_loaded_model(tokenizer):
+    """A LoadedModel around a tiny random 4-layer Llama and ``tokenizer``."""
+    from depthkv.models import LoadedModel, tiny_model
+
+    model = tiny_model("llama", n_layers=4, seed=0, attn_implementation="sdpa")
+    return LoadedModel(model=model, tokenizer=tokenizer, name="tiny-llama", source="local", load_seconds=0.0,
+                       converted=False)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny tensors: one thread is fastest, and immune to other processes competing for the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -55,12 +55,8 @@ def tiny_lm(**config):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is fastest, and immune to other processes competing for the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def one_thread(single_thread):
+    """Tiny tensors: one thread (see conftest.single_thread)."""
 
 
 @pytest.fixture(scope="module")

@@ -149,6 +149,8 @@ def test_kvzip_prunes_to_budget_in_generate_and_compress(tiny_models, mode):
     p = depthkv.press(model, "kvzip", 0.6, mode=mode, chunk_size=40, prompt_ids=PROMPT)
     comp = p.compress(ids)
     assert layer_lengths(comp.cache) == [40] * 4
+    stats = p.last_context_pass  # the replay's cost is measured: one forward per replayed chunk
+    assert stats.forwards == (3 if mode == "chunked" else 1) and stats.tokens > 100 and stats.seconds > 0
     with p:
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
         assert p.session.kept_kv_bytes is not None

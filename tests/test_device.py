@@ -12,14 +12,10 @@ import json
 import pytest
 import torch
 
-from depthkv.models import DeviceError, LoadedModel, load_model, resolve_device, resolve_dtype, tiny_model
+from depthkv.models import DeviceError, load_model, resolve_device, resolve_dtype, tiny_model
 from depthkv.models import loader as loader_mod
 from depthkv.models.device import dtype_name, model_device
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+from tests.conftest import tiny_loaded_model, trained_bpe_tokenizer
 
 
 def fake_cuda(monkeypatch, count: int) -> None:
@@ -31,28 +27,12 @@ def fake_cuda(monkeypatch, count: int) -> None:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    tokenizers = pytest.importorskip("tokenizers")
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from depthkv.tasks import corpus
-
-    tok = tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([p.text for p in corpus.prose_passages("calib")[:60]], trainer)
-    t = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<|im_end|>")
-    t.chat_template = CHAT_TEMPLATE
-    return t
+    return trained_bpe_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def lm(tokenizer):
-    model = tiny_model("llama", n_layers=4, seed=0, attn_implementation="sdpa")
-    return LoadedModel(model=model, tokenizer=tokenizer, name="tiny-llama", source="local", load_seconds=0.0,
-                       converted=False)
+    return tiny_loaded_model(tokenizer)
 
 
 # ---------------------------------------------------------------------------------------------- resolution

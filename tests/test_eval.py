@@ -15,40 +15,19 @@ from depthkv.calibration.stats import bootstrap_ci, paired_diff_ci
 from depthkv.eval import EvalConfig, EvalError, build_report, load_rows, row_key, run_eval, summarise
 from depthkv.eval.results import ResultsWriter, cell_key
 from depthkv.eval.summary import verdict, write_summary
+from tests.conftest import tiny_loaded_model, trained_bpe_tokenizer
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 VOLATILE = ("seconds", "prefill_seconds")
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    tokenizers = pytest.importorskip("tokenizers")
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from depthkv.tasks import corpus
-
-    tok = tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([p.text for p in corpus.prose_passages("calib")[:60]], trainer)
-    t = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<|im_end|>")
-    t.chat_template = CHAT_TEMPLATE
-    return t
+    return trained_bpe_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def lm(tokenizer):
-    from depthkv.models import LoadedModel, tiny_model
-
-    model = tiny_model("llama", n_layers=4, seed=0, attn_implementation="sdpa")
-    return LoadedModel(model=model, tokenizer=tokenizer, name="tiny-llama", source="local", load_seconds=0.0,
-                       converted=False)
+    return tiny_loaded_model(tokenizer)
 
 
 def fake_profile(lm, path, sample_ids=()):

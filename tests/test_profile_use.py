@@ -25,11 +25,8 @@ from tests.test_cli import PROMPT_TEXT, one_error_line, tiny_lm
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def one_thread(single_thread):
+    """Tiny tensors: one thread (see conftest.single_thread)."""
 
 
 @pytest.fixture(scope="module")

@@ -21,10 +21,11 @@ from depthkv.allocation.budgets import BudgetError, Budgets, check_ratio
 from depthkv.allocation.builder import BudgetPolicy, BudgetSpec
 from depthkv.engine.cache import clone_cache, kv_bytes
 from depthkv.engine.compressed import CompressedContext, CompressionSettings, profile_sha256
-from depthkv.engine.reconstruct import reconstruct_scores
+from depthkv.engine.reconstruct import ContextPassStats, reconstruct_scores
 from depthkv.engine.runner import cache_kwarg, check_input_ids, chunked_prefill, forward_with_cache, new_cache
 from depthkv.engine.session import Plan, Protection, Session
 from depthkv.engine.static import FastConfig, FastDecodeError, check_greedy, check_model, fast_generate
+from depthkv.engine.tensor_parallel import check_supported as check_tensor_parallel
 from depthkv.scorers import Scorer, get_scorer
 
 MODES = ("post", "chunked")
@@ -104,6 +105,7 @@ class Press:
         self.config = config
         self.session = Session(model)
         config.validate(self.session.n_layers)
+        check_tensor_parallel(self.session.tp_group, head_budgets=config.head_budgets, fast=bool(config.fast))
         if config.profile is not None:
             from depthkv.allocation.profile import Profile
             from depthkv.models.identity import model_identity
@@ -119,6 +121,7 @@ class Press:
         if getattr(self.policy, "needs_scores", False) and config.mode == "chunked":
             raise ValueError(f"allocator {config.strategy!r} ranks the whole context's scores: use mode='post'")
         self._orig_generate = None
+        self.last_context_pass: ContextPassStats | None = None  # KVzip-style scorers: cost of the last replay
         self._active = False  # inside a with block (hooks attached)
         self.fast: FastConfig | None = None
         if config.fast:
@@ -154,10 +157,11 @@ class Press:
         cache = new_cache(self.model)
         size = self.config.chunk_size if self.config.mode == "chunked" else ids.shape[1]
         logits = None
+        self.last_context_pass = ContextPassStats()  # what the replay cost, over all chunks
         for start in range(0, ids.shape[1], size):
             chunk = ids[:, start:start + size]
             logits = forward_with_cache(self.model, chunk, cache)
-            self.last_context_pass = reconstruct_scores(self.model, self.session, cache, chunk, [self.scorer])
+            self.last_context_pass += reconstruct_scores(self.model, self.session, cache, chunk, [self.scorer])
             scores = self.session.scores
             self.session.plan = self._plan()  # keeps the scores (set_plan would drop them)
             self.session.prune_all(cache, self.scorer.name, ids.shape[1], keep_scores=True)

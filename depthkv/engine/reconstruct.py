@@ -31,6 +31,10 @@ class ContextPassStats:
     tokens: int = 0
     seconds: float = 0.0
 
+    def __add__(self, other: ContextPassStats) -> ContextPassStats:
+        return ContextPassStats(self.forwards + other.forwards, self.tokens + other.tokens,
+                                self.seconds + other.seconds)
+
 
 def drop_tail(cache, n: int) -> None:
     """Remove the last ``n`` tokens of every layer (the replayed ones), in place."""

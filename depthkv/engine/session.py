@@ -37,6 +37,7 @@ from depthkv.allocation.budgets import BudgetError, Budgets
 from depthkv.allocation.builder import BudgetPolicy, policy_needs_scores
 from depthkv.engine.attention import align_mask, left_padding, register, restrict_keys, wrapped_name
 from depthkv.engine.cache import PrunedLayer, gather_ragged, gather_tokens, kv_bytes, layer_positions
+from depthkv.engine.tensor_parallel import gather_head_scores, tp_group
 from depthkv.scorers import ScoreInputs, Scorer
 
 
@@ -123,6 +124,8 @@ class Session:
         self.peak_kv_bytes = 0  # largest KV footprint seen just before a pruning step (since the last set_plan)
         self._cache = None
         self.inv_freq = rope_inv_freq(model)
+        # tensor-parallel model: the group sharding its KV heads (None: every head is local)
+        self.tp_group = tp_group(self.modules)
         self._handles: list = []
         self._saved_impl: str | None = None
 
@@ -250,7 +253,9 @@ class Session:
         if slot is None or any(s is None for s in slot):
             raise RuntimeError(f"no scores from {scorer_name!r} for every layer: nothing to prune with")
         n = context_len or cache.get_seq_length()
-        per_sequence = self.sequence_budgets(n, scores=slot)
+        # head-sharded model: a score-adaptive policy ranks every rank's heads, so all ranks agree
+        gather = self.tp_group is not None and policy_needs_scores(self.plan.policy)
+        per_sequence = self.sequence_budgets(n, scores=gather_head_scores(slot, self.tp_group) if gather else slot)
         budgets = per_sequence[0]
         self.peak_kv_bytes = max(self.peak_kv_bytes, kv_bytes(cache))
         for idx, layer in enumerate(cache.layers):
