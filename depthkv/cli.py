@@ -138,8 +138,8 @@ def load(args: argparse.Namespace):
 def resolve_device_args(args: argparse.Namespace) -> None:
     """Turn --device/--dtype into concrete names (``cuda:0``, ``bfloat16``) before any work; bad ones raise
     ``DeviceError`` (one line, exit 2)."""
-    if getattr(args, "device", None) is None:
-        return
+    if getattr(args, "device", None) is None or getattr(args, "devices", None) is not None:
+        return  # eval --devices: each device is checked and its dtype resolved by the data-parallel runner
     from depthkv.models.device import dtype_name, resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
@@ -785,6 +785,9 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="results folder (resumed if it holds the same run)")
     p.add_argument("--force", action="store_true", help="start over in --out even if it holds another run")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--devices", default=None,
+                   help="data-parallel: comma-separated devices, one worker process each, e.g. 0,1 (CUDA) or "
+                        "cpu,cpu; samples are sharded, rows merged into results.jsonl (or run under torchrun)")
 
 
 @command("eval", _eval_args)
@@ -837,7 +840,6 @@ def parse_task_options(text: str | None) -> dict[str, dict]:
 
 def _eval(args: argparse.Namespace) -> int:
     from depthkv.eval.runner import EvalConfig, run_eval
-    from depthkv.eval.summary import print_summary
 
     settings = parse_list(args.settings, "settings")
     if settings == ["both"]:
@@ -852,12 +854,48 @@ def _eval(args: argparse.Namespace) -> int:
         attn=args.attn, force_profile=args.force_profile,
     )
     cfg.validate()  # before loading the model: bad names and a missing --profile fail at once
-    lm = load(args)
+    from depthkv.eval import parallel
     from depthkv.eval.results import cleanup_on_error
 
+    shard = parallel.env_shard()  # under torchrun: this process's rank
+    if args.devices is not None:
+        if shard is not None:
+            raise CliError("--devices starts its own worker processes; under torchrun leave it out")
+        if args.device != "auto":
+            raise CliError("give either --device or --devices, not both")
+        devices = parallel.parse_devices(args.devices)
+        if len(devices) > 1:
+            spec = parallel.ModelSpec(args.model, cfg.dtype, args.attn)
+            with cleanup_on_error(args.out):  # an error before the first row leaves no half-made folder
+                res = parallel.run_parallel(spec, cfg, args.out, devices, force=args.force,
+                                            progress=not args.no_progress)
+            return _eval_done(res, res.rows[0]["model"]["name"] if res.rows else args.model)
+        args.device = devices[0]
+        cfg.dtype = args.dtype = _dtype_name(args.dtype, args.device)
+    if shard is not None:
+        args.device = parallel.local_device(args.device)
+    lm = load(args)
     with cleanup_on_error(args.out):  # an error before the first row leaves no half-made folder
-        res = run_eval(lm, cfg, args.out, force=args.force, progress=not args.no_progress)
-    print_summary(res.cells, title=f"{lm.name}: mean [95 % CI]; diff = method - uniform (paired over samples)")
+        if shard is not None:
+            res = parallel.run_distributed(lm, cfg, args.out, shard, force=args.force, progress=not args.no_progress)
+            if shard.rank != 0:
+                return 0
+        else:
+            res = run_eval(lm, cfg, args.out, force=args.force, progress=not args.no_progress)
+    return _eval_done(res, lm.name)
+
+
+def _dtype_name(dtype: str, device: str) -> str:
+    from depthkv.models.device import dtype_name
+
+    return dtype_name(_dtype(dtype, device))
+
+
+def _eval_done(res, name: str) -> int:
+    """Print the summary table and where the results are."""
+    from depthkv.eval.summary import print_summary
+
+    print_summary(res.cells, title=f"{name}: mean [95 % CI]; diff = method - uniform (paired over samples)")
     print(f"{res.new_rows} new rows ({res.skipped} resumed, {res.prefills} prefills) in {res.seconds:.0f} s; "
           f"results: {res.folder / 'results.jsonl'}, summary: {res.folder / 'summary.csv'}")
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from depthkv.models.tiny import tiny_model
 
 WORLD = 2
 PROMPT = torch.arange(3, 80)[None]  # 77 tokens
+QUESTION = torch.arange(100, 110)[None]
 NEW = 8
 CASES = (("snapkv", None), ("h2o", None), ("snapkv", "global"))
 
@@ -21,9 +23,12 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
                                 reason="torch.distributed with the gloo backend is not available in this build")
 
 
-def _run(model) -> dict:
-    """Greedy tokens, cache shapes and budgets of every case, plus the head_budgets refusal (None if none)."""
+def _run(model, folder: str, tag: str) -> dict:
+    """Greedy tokens, cache shapes and budgets of every case, the answer from a compressed context saved and
+    loaded back (each rank saves its own shard), and the head_budgets refusal (None if none)."""
     import depthkv
+    from depthkv.engine.compressed import CompressedContext
+    from depthkv.engine.press import Press, PressConfig
 
     out = {}
     for scorer, strategy in CASES:
@@ -32,11 +37,20 @@ def _run(model) -> dict:
             out[scorer, strategy] = (gen.sequences[0, PROMPT.shape[1]:].tolist(),
                                      [tuple(layer.keys.shape) for layer in gen.past_key_values.layers],
                                      list(p.budgets.tokens))
+    press = Press(model, PressConfig(scorer="h2o", ratio=0.6))
+    saved = press.compress(PROMPT).save(os.path.join(folder, f"context_{tag}.safetensors"))
+    answer = press.answer(CompressedContext.load(saved, model), QUESTION, max_new_tokens=NEW, do_sample=False)
+    out["answer"] = answer[0, -NEW:].tolist()
     try:
         depthkv.press(model, scorer="snapkv", ratio=0.6, head_budgets=True)
         out["head_budgets"] = None
     except ValueError as e:
         out["head_budgets"] = str(e)
+    try:
+        depthkv.press(model, scorer="snapkv", ratio=0.6, fast=True)
+        out["fast"] = None
+    except ValueError as e:
+        out["fast"] = str(e)
     return out
 
 
@@ -51,7 +65,7 @@ def _worker(rank: int, path: str, port: int, results: str) -> None:
 
         model = AutoModelForCausalLM.from_pretrained(path, distributed_config=DistributedConfig(tp_plan="auto"),
                                                      attn_implementation="eager").eval()
-        torch.save(_run(model), os.path.join(results, f"rank{rank}.pt"))
+        torch.save(_run(model, results, f"rank{rank}"), os.path.join(results, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -67,9 +81,17 @@ def test_two_ranks_generate_the_single_process_tokens(tmp_path):
 
     model = tiny_model()
     model.save_pretrained(tmp_path / "model")
-    single = _run(model)
-    assert single["head_budgets"] is None
-    mp.spawn(_worker, args=(str(tmp_path / "model"), _free_port(), str(tmp_path)), nprocs=WORLD)
+    single = _run(model, str(tmp_path), "single")
+    assert single["head_budgets"] is None and single["fast"] is None
+    # spawn (not fork: forking after the parent used torch can deadlock), with a deadline so a hang fails the test
+    ctx = mp.start_processes(_worker, args=(str(tmp_path / "model"), _free_port(), str(tmp_path)), nprocs=WORLD,
+                             start_method="spawn", join=False)
+    deadline = time.monotonic() + 300
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail("the tensor-parallel ranks did not finish within 300 s")
     n = PROMPT.shape[1]
     for rank in range(WORLD):
         got = torch.load(tmp_path / f"rank{rank}.pt")
@@ -82,6 +104,7 @@ def test_two_ranks_generate_the_single_process_tokens(tmp_path):
             # each rank holds its one KV head at the budgeted length (+ the decoded tokens, the last one unfed)
             assert shapes == [(1, 1, s[2], 16) for s in ref_shapes], (rank, case)
             assert [s[2] for s in shapes] == [b + NEW - 1 for b in budgets], (rank, case)
-        assert "tensor-parallel" in got["head_budgets"]
+        assert got["answer"] == single["answer"], rank
+        assert "tensor-parallel" in got["head_budgets"] and "tensor-parallel" in got["fast"]
     # the global allocator splits this input unevenly across layers: the gathered scores mattered
     assert len(set(single["snapkv", "global"][2])) > 1

@@ -44,6 +44,7 @@ from transformers.cache_utils import DynamicCache
 
 from depthkv.allocation.budgets import BudgetError, Budgets
 from depthkv.engine.cache import kv_bytes, layer_from_state, layer_state
+from depthkv.engine.tensor_parallel import kv_shards
 from depthkv.models.identity import model_identity
 
 KIND = "depthkv-compressed-context"
@@ -261,6 +262,7 @@ class CompressedContext:
 
     def _check_shapes(self, model: torch.nn.Module, path: Path) -> None:
         ident = model_identity(model, _model_name(model))
+        n_heads = ident["n_kv_heads"] // kv_shards(model)  # a tensor-parallel rank holds its shard of the heads
         batch, n = self.context_ids.shape if self.context_ids.ndim == 2 else (-1, -1)
         if self.context_ids.ndim != 2 or self.context_ids.is_floating_point():
             raise CompressedContextError(f"{path} is not a valid compressed context (context ids are not [batch, N])")
@@ -268,10 +270,10 @@ class CompressedContext:
             if getattr(layer, "keys", None) is None:
                 continue
             b, h, _, d = layer.keys.shape
-            if (b, h, d) != (batch, ident["n_kv_heads"], ident["head_dim"]) or layer.get_seq_length() != n:
+            if (b, h, d) != (batch, n_heads, ident["head_dim"]) or layer.get_seq_length() != n:
                 raise CompressedContextError(
                     f"{path} is not a valid compressed context (layer {i} holds {b} x {h} heads x {d} dims for "
-                    f"{layer.get_seq_length()} tokens; expected {batch} x {ident['n_kv_heads']} x "
+                    f"{layer.get_seq_length()} tokens; expected {batch} x {n_heads} x "
                     f"{ident['head_dim']} for {n})")
         if self.budgets is not None and self.budgets.n_layers != ident["n_layers"]:
             raise CompressedContextError(f"{path} is not a valid compressed context (budgets for "

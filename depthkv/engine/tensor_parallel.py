@@ -29,14 +29,20 @@ class TensorParallelError(ValueError):
 def tp_group(modules: Sequence[nn.Module]) -> dist.ProcessGroup | None:
     """The process group sharding the KV heads of these attention modules, or None (not sharded).
 
-    Read from the ``k_proj`` weight, a DTensor when transformers applied a tensor-parallel plan.
+    Read from the ``k_proj`` weight, a DTensor on the device mesh's ``tp`` dimension when transformers applied
+    a tensor-parallel plan (an unnamed one-dimensional mesh counts as tensor-parallel too).
     """
     weight = getattr(getattr(modules[0], "k_proj", None), "weight", None) if modules else None
     mesh = getattr(weight, "device_mesh", None)
     if mesh is None or not dist.is_available() or not dist.is_initialized():
         return None
     names = mesh.mesh_dim_names or ()
-    group = mesh.get_group("tp" if "tp" in names else 0) if mesh.ndim > 1 else mesh.get_group()
+    if names and "tp" not in names:
+        return None  # sharded for another parallelism (FSDP gathers the weights back: every head is local)
+    if not names and mesh.ndim > 1:
+        raise TensorParallelError("the model's device mesh has several unnamed dimensions: name the "
+                                  "tensor-parallel one 'tp'")
+    group = mesh.get_group("tp") if names else mesh.get_group()
     return group if dist.get_world_size(group) > 1 else None
 
 
@@ -61,3 +67,11 @@ def gather_head_scores(scores: Sequence[torch.Tensor], group: dist.ProcessGroup)
     dist.all_gather(parts, stacked.contiguous(), group=group)
     full = torch.cat(parts, dim=2)  # [L, B, KVH, W]
     return [full[i, ..., :s.shape[-1]] for i, s in enumerate(scores)]
+
+
+def kv_shards(model: nn.Module) -> int:
+    """Ranks the KV heads of ``model`` are split across (1 for a model that is not tensor-parallel): a rank's
+    cache layers hold ``num_key_value_heads // kv_shards(model)`` heads."""
+    first = next((m for m in model.modules() if hasattr(m, "k_proj") and hasattr(m, "layer_idx")), None)
+    group = tp_group([first]) if first is not None else None
+    return 1 if group is None else dist.get_world_size(group)

@@ -35,6 +35,7 @@ from depthkv.eval.results import (
     CONFIG,
     RESULTS,
     EvalError,
+    cell_key,
     load_rows,
     prepare_folder,
     read_config,
@@ -119,7 +120,6 @@ def sweep_keys(folder: str | os.PathLike, cfg) -> list[str]:
     config = read_config(folder)
     if config is None or "samples" not in config:
         raise EvalError(f"{folder} has no {CONFIG} listing the samples; cannot merge the shards")
-    from depthkv.eval.results import cell_key
 
     cells = cells_for(cfg)
     return [cell_key(label, sid, setting, c.method, c.scorer, c.ratio)
@@ -270,6 +270,7 @@ class _Group:
     CPU, NCCL on CUDA; destroyed by :meth:`close`), or none (``wait`` then polls files)."""
 
     def __init__(self, device: Any) -> None:
+        import torch
         import torch.distributed as dist
 
         self.dist, self.owned = dist, False
@@ -277,7 +278,7 @@ class _Group:
         if not self.active and dist.is_available() and "MASTER_ADDR" in os.environ:
             cuda = str(device).startswith("cuda")
             dist.init_process_group("nccl" if cuda else "gloo", timeout=BARRIER_TIMEOUT,
-                                    device_id=__import__("torch").device(device) if cuda else None)
+                                    device_id=torch.device(device) if cuda else None)
             self.active = self.owned = True
 
     def wait(self, ready: Callable[[], bool], poll: float) -> None:
@@ -313,22 +314,26 @@ def run_distributed(lm, cfg, out: str | Path, shard: Shard, *, force: bool = Fal
     try:
         if shard.rank == 0:
             prepare_folder(folder, record, force=force)
-        # the others start once rank 0 has prepared the folder (its config.json, written at set-up, matches)
-        group.wait(lambda: (read_config(folder) or {}).get("run") == record, poll)
+        if group.active or shard.rank != 0:  # the others start once rank 0 has prepared the folder
+            group.wait(lambda: (read_config(folder) or {}).get("run") == record, poll)
         res = run_eval(lm, cfg, folder, shard=shard, progress=progress)
-        expected = None
+        expected: set[str] = set()
 
-        def complete() -> bool:
-            nonlocal expected
-            expected = expected or set(sweep_keys(folder, cfg))
+        def complete() -> bool:  # every cell of the sweep is in the merged file or a shard
+            if not expected:
+                expected.update(sweep_keys(folder, cfg))
             return expected <= {row_key(r) for r in other_rows(folder)}
 
-        if shard.rank != 0:
+        if group.active or shard.rank == 0:
             group.wait(complete, poll)
-            return res
-        group.wait(complete, poll)
+        stats = [(res.new_rows, res.skipped, res.prefills)]
+        if group.active:
+            gathered: list[Any] = [None] * shard.world
+            group.dist.all_gather_object(gathered, stats[0])
+            stats = gathered
     finally:
         group.close()
+    if shard.rank != 0:
+        return res
     config = read_config(folder) or {}
-    return _finish(folder, cfg, (config.get("model") or {}).get("name", lm.name),
-                   [(res.new_rows, res.skipped, res.prefills)], t0)
+    return _finish(folder, cfg, (config.get("model") or {}).get("name", lm.name), stats, t0)

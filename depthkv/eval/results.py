@@ -116,6 +116,17 @@ class ResultsWriter:
         self.done.add(key)
 
 
+def shard_path(folder: str | os.PathLike, rank: int) -> Path:
+    """The results file of rank ``rank`` of a data-parallel run (see :mod:`depthkv.eval.parallel`)."""
+    return Path(folder) / f"results.rank{int(rank)}.jsonl"
+
+
+def shard_files(folder: str | os.PathLike) -> list[Path]:
+    """The shard files of ``folder``, by rank."""
+    found = [(p.name[len("results.rank"):-len(".jsonl")], p) for p in Path(folder).glob("results.rank*.jsonl")]
+    return [p for rank, p in sorted((int(r), p) for r, p in found if r.isdigit())]
+
+
 def read_config(folder: str | os.PathLike) -> dict | None:
     path = Path(folder) / CONFIG
     if not path.exists():
@@ -145,7 +156,7 @@ def prepare_folder(folder: str | os.PathLike, run: dict, *, force: bool = False)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     old = read_config(folder)
-    has_rows = (folder / RESULTS).exists() and (folder / RESULTS).stat().st_size > 0
+    has_rows = any(p.exists() and p.stat().st_size > 0 for p in (folder / RESULTS, *shard_files(folder)))
     if (old is not None and old.get("run") != run) or (old is None and has_rows):
         if not force:
             if old is None:
@@ -158,7 +169,7 @@ def prepare_folder(folder: str | os.PathLike, run: dict, *, force: bool = False)
             )
         backup = folder / time.strftime("replaced-%Y%m%d-%H%M%S")
         backup.mkdir()
-        for name in (CONFIG, RESULTS, "summary.csv", "summary.json"):
+        for name in (CONFIG, RESULTS, "summary.csv", "summary.json", *(p.name for p in shard_files(folder))):
             if (folder / name).exists():
                 os.replace(folder / name, backup / name)
     return folder
@@ -182,8 +193,7 @@ def cleanup_on_error(folder: str | os.PathLike) -> Iterator[Path]:
     try:
         yield folder
     except BaseException:
-        results = folder / RESULTS
-        if not (results.exists() and load_rows(results)):
+        if not any(load_rows(p) for p in (folder / RESULTS, *shard_files(folder))):  # shards: a parallel run
             _undo(folder, before, created)
         raise
 

@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from depthkv.eval.results import (
     CONFIG,
@@ -48,8 +48,13 @@ from depthkv.eval.results import (
     cell_key,
     prepare_folder,
     read_config,
+    row_key,
+    shard_files,
 )
 from depthkv.io import write_json
+
+if TYPE_CHECKING:
+    from depthkv.eval.parallel import Shard
 
 SETTINGS = ("aware", "agnostic")
 FULL = "full"
@@ -413,26 +418,38 @@ def run_eval(
     force: bool = False,
     progress: bool = True,
     on_row: Callable[[dict], None] | None = None,
+    shard: Shard | None = None,
 ) -> EvalRun:
     """Run (or resume) the sweep ``cfg`` with the loaded model ``lm`` into folder ``out``.
 
     ``lm`` is a ``depthkv.models.LoadedModel`` (model, tokenizer, name). ``on_row`` is called after each
     row is written (tests use it to interrupt a run). Returns every row of the folder, old and new, and
     their summary, also written to ``summary.csv`` / ``summary.json``.
+
+    ``shard`` (data-parallel runs, :mod:`depthkv.eval.parallel`): evaluate only that rank's samples into its
+    own ``results.rank<i>.jsonl``, skipping cells in any results file of the folder; only rank 0 writes
+    ``config.json``, nothing is summarised and the rows returned are the shard's.
     """
     from tqdm.auto import tqdm
 
+    from depthkv.eval.parallel import merge_shards, other_rows
+
     t_start = time.perf_counter()
-    sweep = _set_up(lm, cfg, out, force=force)
+    sweep = _set_up(lm, cfg, out, force=force, write_config=shard is None or shard.rank == 0)
+    if shard is None and shard_files(sweep.folder):  # a data-parallel run continued on one device
+        merge_shards(sweep.folder, cfg)
     new_rows = prefills = 0
-    with ResultsWriter(sweep.folder / RESULTS) as writer:
-        todo, skipped = _pending(sweep, writer.done)
+    with ResultsWriter(sweep.folder / RESULTS if shard is None else shard.path(sweep.folder)) as writer:
+        earlier = other_rows(sweep.folder, shard) if shard is not None else []
+        owned = shard.owned(sweep.samples) if shard is not None else None
+        todo, skipped = _pending(sweep, writer.done | {row_key(r) for r in earlier}, owned)
         n_left = sum(len(left) for *_, left in todo)
         if skipped:
             print(f"resuming in {sweep.folder}: {skipped} cells already done, {n_left} to go", file=sys.stderr)
-        full_out = _full_outputs(writer.rows)
-        bar = tqdm(total=n_left, desc="eval", unit="cell", disable=not progress, dynamic_ncols=True,
-                   mininterval=1.0, file=sys.stderr)
+        full_out = _full_outputs([*earlier, *writer.rows])
+        bar = tqdm(total=n_left, desc="eval" if shard is None else f"eval[{shard.rank}]", unit="cell",
+                   disable=not progress, dynamic_ncols=True, mininterval=1.0, file=sys.stderr,
+                   position=shard.rank if shard is not None else None)
         try:
             for label, sample, setting, left in todo:
                 bar.set_postfix_str(f"{label} {setting}", refresh=False)
@@ -449,11 +466,13 @@ def run_eval(
         finally:
             bar.close()
         rows = list(writer.rows)
+    if shard is not None:  # the merging process summarises every shard's rows
+        return EvalRun(sweep.folder, rows, new_rows, skipped, prefills, time.perf_counter() - t_start)
     cells = _summarise(sweep, rows)
     return EvalRun(sweep.folder, rows, new_rows, skipped, prefills, time.perf_counter() - t_start, cells)
 
 
-def _set_up(lm, cfg: EvalConfig, out: str | Path, *, force: bool) -> _Sweep:
+def _set_up(lm, cfg: EvalConfig, out: str | Path, *, force: bool, write_config: bool = True) -> _Sweep:
     """Validate ``cfg``, prepare the folder (resume a run of the same arguments, or start one), load and check
     the profile and the samples, and write ``config.json`` into a new folder."""
     import depthkv
@@ -484,7 +503,7 @@ def _set_up(lm, cfg: EvalConfig, out: str | Path, *, force: bool) -> _Sweep:
     samples = load_samples(cfg, tok)
     if profile is not None:
         check_disjoint(profile, samples)
-    if old is None:
+    if old is None and write_config:
         write_json(folder / CONFIG, {
             "kind": "depthkv-eval", "run": record, "model": identity, "profile": profile_info,
             "device": str(model.device),  # where the run started; not compared on resume
@@ -535,13 +554,16 @@ def _load_profile(cfg: EvalConfig, identity: dict[str, Any], sha256: str | None)
     return profile, view, info
 
 
-def _pending(sweep: _Sweep, done: set[str]) -> tuple[list[tuple[str, Any, str, list[Cell]]], int]:
+def _pending(sweep: _Sweep, done: set[str], owned: set[tuple[str, str]] | None = None,
+             ) -> tuple[list[tuple[str, Any, str, list[Cell]]], int]:
     """The (task label, sample, setting, cells not yet in the folder) still to run, in sweep order, and how
-    many cells are done already."""
+    many cells are done already; ``owned``: only these (task label, sample id), a data-parallel shard."""
     cells = cells_for(sweep.cfg)
     todo, n_done = [], 0
     for label, group in sweep.samples.items():
         for sample in group:
+            if owned is not None and (label, sample.id) not in owned:
+                continue
             for setting in sweep.cfg.settings:
                 left = [c for c in cells if cell_key(label, sample.id, setting, c.method, c.scorer, c.ratio) not in done]
                 n_done += len(cells) - len(left)

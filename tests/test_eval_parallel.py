@@ -1,0 +1,159 @@
+"""Data-parallel evaluation: sharding by sample, merging in one-device order, resuming, equal rows.
+
+The model is a tiny random Llama with a byte-level tokenizer saved to a folder, so spawned workers load the
+same weights with ``--model FOLDER`` (no downloads).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from depthkv.cli import main
+from depthkv.eval import EvalConfig, load_rows, run_eval
+from depthkv.eval.parallel import Shard, env_shard, local_device, merge_shards, parse_devices, run_distributed
+from depthkv.eval.results import CONFIG, RESULTS, EvalError, cell_key, shard_files, shard_path
+
+FIELDS = ("method", "task", "sample_id", "setting", "scorer", "ratio", "output", "score", "budgets")
+ARGS = dict(tasks=("needle",), methods=("full", "uniform"), scorers=("snapkv",), ratios=(0.5,), samples=3,
+            context_tokens=160, max_new_tokens=2, settings=("aware",))
+
+ARGV = ["eval", "--tasks", "needle", "--methods", "full,uniform", "--scorers", "snapkv", "--ratios", "0.5",
+        "--samples", "3", "--context-tokens", "160", "--max-new-tokens", "2", "--dtype", "float32", "--no-progress"]
+
+
+def same(rows):
+    return [tuple(json.dumps(r.get(f)) for f in FIELDS) for r in rows]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from tests.test_cli import tiny_lm
+
+    lm = tiny_lm()
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def load(model_dir):
+    from depthkv.models import load_model
+
+    return load_model(str(model_dir), dtype="float32", device="cpu")
+
+
+def config(model_dir) -> EvalConfig:
+    return EvalConfig(model=str(model_dir), dtype="float32", **ARGS)
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir, tmp_path_factory):
+    """The rows of a one-device run."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    res = run_eval(load(model_dir), config(model_dir), out, progress=False)
+    assert len(res.rows) == 6 and not shard_files(out)
+    return res.rows
+
+
+def test_shards_partition_the_sorted_samples():
+    samples = {"b": [SimpleNamespace(id=f"b{i}") for i in range(3)], "a": [SimpleNamespace(id=f"a{i}") for i in range(4)]}
+    owned = [Shard(r, 3).owned(samples) for r in range(3)]
+    assert set().union(*owned) == {(t, s.id) for t, g in samples.items() for s in g}
+    assert sum(map(len, owned)) == 7 and [len(o) for o in owned] == [3, 2, 2]
+    assert owned[0] == {("a", "a0"), ("a", "a3"), ("b", "b2")}  # round-robin over the sorted list
+    with pytest.raises(EvalError, match="not in a world"):
+        Shard(2, 2)
+
+
+def test_devices_and_environment():
+    assert parse_devices("cpu, cpu") == ["cpu", "cpu"]
+    with pytest.raises(EvalError, match="--devices"):
+        parse_devices("tpu,cpu")
+    with pytest.raises(EvalError, match="empty"):
+        parse_devices(" , ")
+    assert env_shard({"RANK": "1", "WORLD_SIZE": "4"}) == Shard(1, 4)
+    assert env_shard({}) is None
+    assert local_device("cuda:0", {"LOCAL_RANK": "3"}) == "cuda:3" and local_device("cpu", {"LOCAL_RANK": "3"}) == "cpu"
+
+
+def test_merge_orders_like_one_device_and_drops_duplicates(tmp_path):
+    cfg = EvalConfig(model="m", **ARGS)
+    (tmp_path / CONFIG).write_text(json.dumps({"run": {}, "samples": {"needle": ["s2", "s0", "s1"]}}))
+
+    def row(sid, method):
+        ratio = 0.0 if method == "full" else 0.5
+        return {"task": "needle", "sample_id": sid, "setting": "aware", "method": method,
+                "scorer": None if method == "full" else "snapkv", "ratio": ratio}
+
+    def write(path, rows, tail=""):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows) + tail)
+
+    write(tmp_path / RESULTS, [row("s0", "full")])
+    write(shard_path(tmp_path, 0), [row("s0", "uniform"), row("s1", "full"), row("s0", "full")], tail='{"cut')
+    write(shard_path(tmp_path, 1), [row("s2", "uniform"), row("s2", "full")])
+    merged = merge_shards(tmp_path, cfg)
+    keys = [cell_key(r["task"], r["sample_id"], r["setting"], r["method"], r["scorer"], r["ratio"]) for r in merged]
+    assert [(r["sample_id"], r["method"]) for r in merged] == [
+        ("s2", "full"), ("s2", "uniform"), ("s0", "full"), ("s0", "uniform"), ("s1", "full")]
+    assert len(set(keys)) == 5 and load_rows(tmp_path) == merged and not shard_files(tmp_path)
+
+
+def test_interrupted_sharded_run_resumes_to_the_one_device_rows(model_dir, reference, tmp_path, capsys):
+    """Rank 0 is interrupted after one row; ``--devices cpu,cpu`` (two spawned workers) finishes the run."""
+    out = tmp_path / "par"
+    cfg = config(model_dir)
+
+    def stop(row):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(load(model_dir), cfg, out, progress=False, shard=Shard(0, 2), on_row=stop)
+    assert len(load_rows(shard_path(out, 0))) == 1 and not (out / RESULTS).exists()
+    assert main([*ARGV, "--model", str(model_dir), "--out", str(out), "--devices", "cpu,cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "5 new rows (1 resumed, 3 prefills)" in printed
+    rows = load_rows(out)
+    assert same(rows) == same(reference)
+    assert not shard_files(out) and (out / "summary.csv").exists()
+    again = run_eval(load(model_dir), cfg, out, progress=False)  # a one-device rerun: nothing left to do
+    assert (again.new_rows, again.skipped, again.prefills) == (0, 6, 0)
+
+
+def test_devices_error_is_one_line(model_dir, tmp_path, capsys):
+    out = tmp_path / "bad"
+    assert main([*ARGV, "--model", str(model_dir), "--devices", "cpu,tpu", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --devices cpu,tpu") and "\n" not in err and not out.exists()
+
+
+def test_ranks_without_a_process_group_wait_on_files(model_dir, reference, tmp_path, monkeypatch):
+    """Two ranks (as under torchrun, but without a process group) in threads, each with its own model."""
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    out = tmp_path / "dist"
+    models = [load(model_dir), load(model_dir)]
+    results: dict[int, object] = {}
+
+    def rank(r):
+        results[r] = run_distributed(models[r], config(model_dir), out, Shard(r, 2), progress=False, poll=0.05)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (1, 0)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert set(results) == {0, 1}
+    assert same(results[0].rows) == same(load_rows(out)) == same(reference)
+    assert results[0].cells and not shard_files(out)
