@@ -875,7 +875,10 @@ def _eval(args: argparse.Namespace) -> int:
     if shard is not None:
         args.device = parallel.local_device(args.device)
     lm = load(args)
-    with cleanup_on_error(args.out):  # an error before the first row leaves no half-made folder
+    import contextlib
+
+    # an error before the first row leaves no half-made folder (rank 0 alone prepares it under torchrun)
+    with cleanup_on_error(args.out) if shard is None or shard.rank == 0 else contextlib.nullcontext():
         if shard is not None:
             res = parallel.run_distributed(lm, cfg, args.out, shard, force=args.force, progress=not args.no_progress)
             if shard.rank != 0:
