@@ -199,7 +199,8 @@ class MultiDoc:
         self.count, self.target, self.task = count, target, task
         self.tol = max(2, int(0.02 * target))
         room = haystack_budget(target, inserted, task)
-        docs = documents(split)
+        seen: set[str] = set()  # a title names one document only (the docqa question relies on it)
+        docs = [d for d in documents(split) if not (d.title in seen or seen.add(d.title))]
         probe = DOC_SEP.join(d.text for d in docs[:20])[:20000]
         chars_per_unit = len(probe) / max(1, count(probe))
         remaining = rng.sample(docs, len(docs))
