@@ -186,11 +186,11 @@ def breakdown_ms(dec: FastDecoder) -> dict:
     b, kvh, _, d = c.buffers(0)[0].shape
     q = torch.randn(b, kvh, dec.model.config.num_attention_heads // kvh, d, device=c.device, dtype=c.dtype)
 
-    pos = c.base + c.step  # the valid lengths of the current step
+    pos = c.open_slots()  # each layer's, row's and head's last valid slot at the current step
 
     def attn():
         for i in range(c.n_layers):
-            dec.attend(q, *c.buffers(i), c.masks[i], dec.scale, c.block, pos[i:i + 1])
+            dec.attend(q, *c.buffers(i), c.mask(i, pos[i]) if dec.masked else None, pos[i], dec.scale, c.block)
 
     hidden = dec.model.config.hidden_size
     x = torch.randn(b, 1, hidden, device=c.device, dtype=c.dtype)

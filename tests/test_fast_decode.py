@@ -148,17 +148,20 @@ def test_buffers_are_sized_per_layer(models, ids, budgets):
     horizon = 20
     static = StaticPrunedCache(comp.cache, horizon, block=16)
     assert static.lengths == list(budgets) and static.logical_len == N
-    for layer_k, layer_v, b, mask in zip(static.keys, static.values, budgets, static.masks):
+    for i, (layer_k, layer_v, b) in enumerate(zip(static.keys, static.values, budgets)):
         assert layer_k.shape == layer_v.shape == (1, 2, b + horizon, 16)
-        assert mask.numel() - (b + horizon) < 16  # storage rounded up to the block, no more
-        assert int((mask == 0).sum()) == b  # only the kept context is visible before decoding
+        assert static.buffers(i)[0].shape[2] - (b + horizon) < 16  # storage rounded up to the block, no more
+        assert static.visible(i).tolist() == [[b, b]]  # only the kept context is visible before decoding
+        mask = static.mask(i, static.open_slots()[i])
+        assert (mask[0, :, 0] == 0).sum(-1).tolist() == [b + 1, b + 1]  # ... and this step's slot
     # the dynamic cache was consumed: its memory is released
     assert all(x.keys.numel() == 0 for x in comp.cache.layers)
     dec = FastDecoder(model, static, FastConfig(block=16))
     dec.run(torch.zeros(1, 1, dtype=torch.long, device=DEVICE), 5)
-    for mask, b in zip(static.masks, budgets):
-        assert int((mask == 0).sum()) == b + 5  # one slot opened per step, per layer
+    for i, b in enumerate(budgets):
+        assert static.visible(i).tolist() == [[b + 5, b + 5]]  # one slot opened per step, per layer
     assert int(static.step) == 5 and int(dec.position) == N + 5
+    assert static.kept_bytes() == sum(b + 5 for b in budgets) * 2 * 2 * 16 * 4  # K+V, 2 heads, d=16, fp32
 
 
 def test_horizon_is_enforced(models, ids):
@@ -207,14 +210,14 @@ def test_generation_config_penalty_is_refused(models, ids):
         model.generation_config.repetition_penalty = 1.0
 
 
-def test_padded_batch_is_refused(models):
+def test_padding_in_the_fed_tokens_is_refused(models, ids):
     model = models("llama")
-    ids2 = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(2)).to(DEVICE)
-    mask = torch.ones_like(ids2)
-    mask[1, :5] = 0
-    with depthkv.press(model, "snapkv", ratio=0.5, fast=True, **PROT):
-        with pytest.raises(FastDecodeError, match="padded"):
-            model.generate(ids2, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    comp = compress(model, ids, (96, 7, 50, 23))
+    seq = torch.cat([ids, ids[:, :3]], dim=1)
+    mask = torch.ones_like(seq)
+    mask[0, -2] = 0
+    with pytest.raises(FastDecodeError, match="left padding"):
+        fast_generate(model, comp.cache, seq, 4, attention_mask=mask)
 
 
 def test_bad_config_is_refused():
@@ -247,3 +250,101 @@ def test_cli_fast_compile_needs_fast(tmp_path, capsys):
     prompt.write_text("hello")
     assert main(["generate", "--fast-compile", "--prompt-file", str(prompt)]) == 2
     assert "only applies with --fast" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- ragged rows/heads
+GEN = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+
+
+def left_pad(lengths, seed=11):
+    gen = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(5, 250, (1, n), generator=gen) for n in lengths]
+    n = max(lengths)
+    ids = torch.zeros(len(seqs), n, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, x in enumerate(seqs):
+        ids[i, n - x.shape[1]:], mask[i, n - x.shape[1]:] = x[0], 1
+    return [x.to(DEVICE) for x in seqs], ids.to(DEVICE), mask.to(DEVICE)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("scorer,head_budgets", [("snapkv", False), ("h2o", False), ("snapkv", True),
+                                                 ("knorm", True)])
+def test_padded_batch_equals_each_prompt_alone(models, arch, scorer, head_budgets):
+    """Left-padded batch on the fast path: each row = that prompt alone (fast and dynamic), padding dropped."""
+    model = models(arch)
+    seqs, ids, mask = left_pad((41, 66, 30))
+    kw = dict(ratio=0.6, head_budgets=head_budgets, **PROT)
+    with depthkv.press(model, scorer, fast=FastConfig(attention="split", block=16), **kw):
+        batch = model.generate(ids, attention_mask=mask, **GEN)
+    n = ids.shape[1]
+    for i, x in enumerate(seqs):
+        with depthkv.press(model, scorer, **kw):
+            alone = model.generate(x, attention_mask=torch.ones_like(x), **GEN)
+        got = batch[i, n:]
+        want = alone[0, x.shape[1]:]
+        assert torch.equal(got[:want.shape[0]], want), (i, got.tolist(), want.tolist())
+        assert bool((got[want.shape[0]:] == 0).all())  # a row that stopped early is padded, as generate does
+
+
+def _ragged(model, ids, arch_budgets=(60, 20, 40, 30)):
+    with depthkv.press(model, "snapkv", budgets=Budgets(arch_budgets, context_len=N), head_budgets=True,
+                       **PROT) as p:
+        comp = p.compress(ids)
+    assert any(layer.valid is not None for layer in comp.cache.layers)  # the heads really kept different counts
+    return comp
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_ragged_heads_logits_equal_masked_reference(models, ids, arch):
+    """Per-KV-head budgets on the fast path: the step's logits equal the dynamic path over the padded+masked
+    layers (itself equal to a masked full cache) within 1e-4, and each head stores exactly its own tokens."""
+    model = models(arch)
+    comp = _ragged(model, ids)
+    token = comp.logits[:, -1].argmax(-1, keepdim=True)
+    want = forward_with_logits(model, clone_cache(comp.cache), token)
+    static = StaticPrunedCache(clone_cache(comp.cache), 4, block=16)
+    for i, layer in enumerate(comp.cache.layers):
+        counts = layer.valid.sum(-1) if layer.valid is not None else torch.full((1, 2), layer.keys.shape[2])
+        assert static.kept[i].tolist() == counts.tolist()
+    dec = FastDecoder(model, static, FastConfig(attention="split", block=16, keep_logits=True))
+    dec.run(token, 1)
+    assert torch.allclose(dec.logits, want[:, -1], atol=1e-4, rtol=0)
+    ref = dynamic_reference(model, comp, ids, 12)
+    assert torch.equal(fast_generate(model, clone_cache(comp.cache), ids, 12, logits=comp.logits), ref)
+
+
+def forward_with_logits(model, cache, token):
+    from depthkv.engine.runner import forward_with_cache
+    from depthkv.engine.session import Plan, Session
+
+    with Session(model) as session:
+        session.set_plan(Plan(kind="off"))
+        return forward_with_cache(model, token, cache).float()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_stacked_caches_decode_like_each_alone(models, ids, arch):
+    """Caches of one prompt pruned differently (uneven budgets, per-head budgets, the full cache), decoded as
+    one batch: each row's tokens are that cache's own."""
+    from depthkv.engine.static import fast_generate_caches
+
+    model = models(arch)
+    comps = [compress(model, ids, (96, 7, 50, 23)), compress(model, ids, (8, 96, 8, 96), scorer="h2o"),
+             _ragged(model, ids), compress(model, ids, (96,) * 4)]
+    alone = [fast_generate(model, clone_cache(c.cache), ids, 12, logits=c.logits) for c in comps]
+    assert len({tuple(a[0, N:].tolist()) for a in alone}) > 1  # the rows differ: the comparison has teeth
+    together = fast_generate_caches(model, [clone_cache(c.cache) for c in comps], ids, 12,
+                                    logits=torch.cat([c.logits for c in comps]))
+    for row, a in zip(together, alone):
+        assert torch.equal(row[:a.shape[1]], a[0]), (row.tolist(), a[0].tolist())
+
+
+def test_stacked_caches_need_one_prompt(models, ids):
+    from depthkv.engine.static import fast_generate_caches
+
+    model = models("llama")
+    a = compress(model, ids, (96, 7, 50, 23))
+    b = compress(model, ids[:, :60], (60, 7, 50, 23))
+    with pytest.raises(FastDecodeError, match="logical length"):
+        fast_generate_caches(model, [a.cache, b.cache], ids, 4, logits=torch.cat([a.logits, b.logits]))

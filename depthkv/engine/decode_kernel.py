@@ -4,8 +4,10 @@ Why: for a single query token the cuBLAS/SDPA routes either launch few thread bl
 one per head) or write and re-read the score matrix (``split``). Here the buffer ``[B, KVH, C, D]`` is cut into
 ``chunk``-token splits, one program per (batch x KV head, split) reads its K/V once (all G query heads of the
 group share that read: GQA), keeps an online softmax in registers and writes a partial result; a second small
-kernel merges the splits. The number of valid keys is read on the device from the layer's write position
-(valid slots are always the prefix ``[0, pos]``), so the launch shape never changes: CUDA-graph safe.
+kernel merges the splits. The number of valid keys of each (sequence, KV head) is read on the device from its
+write position (valid slots are always the prefix ``[0, pos]``; rows and heads may differ: ragged per-head
+budgets, batches of prompts of different lengths), so the launch shape never changes: CUDA-graph safe, and a
+split past a row's valid prefix reads nothing.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ if triton is not None:
                  IEEE: tl.constexpr):
         bh = tl.program_id(0)
         sp = tl.program_id(1)
-        n_valid = tl.load(pos_ptr) + 1
+        n_valid = tl.load(pos_ptr + bh) + 1
         rows = tl.arange(0, GP)
         cols = tl.arange(0, D)
         q = tl.load(q_ptr + bh * G * D + rows[:, None] * D + cols[None, :], mask=rows[:, None] < G, other=0.0)
@@ -98,14 +100,18 @@ if triton is not None:
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, scale: float,
                      chunk: int = 512, block_n: int = 64) -> torch.Tensor:
-    """Attention of ``q`` ``[B, KVH, G, D]`` over the first ``pos + 1`` slots of ``k``/``v`` ``[B, KVH, C, D]``.
+    """Attention of ``q`` ``[B, KVH, G, D]`` over the first ``pos[b, h] + 1`` slots of ``k``/``v`` ``[B, KVH, C, D]``.
 
-    ``pos``: 1-element long tensor on the device (the slot written at this step). Returns ``[B, KVH, G, D]``.
+    ``pos``: ``[B, KVH]`` long tensor on the device (each row's and head's slot written at this step).
+    Returns ``[B, KVH, G, D]``.
     """
     b, kvh, g, d = q.shape
     c = k.shape[2]
     if k.stride(-1) != 1 or v.stride() != k.stride() or d & (d - 1):
         raise ValueError("decode_attention needs K/V with equal strides, unit last stride, power-of-2 head_dim")
+    if pos.shape != (b, kvh):
+        raise ValueError(f"pos must be [batch, kv_heads] = {(b, kvh)}, got {tuple(pos.shape)}")
+    pos = pos.contiguous()
     chunk = max(block_n, chunk // block_n * block_n)
     n_split = triton.cdiv(c, chunk)
     gp = max(16, triton.next_power_of_2(g))

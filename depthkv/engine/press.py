@@ -22,7 +22,14 @@ from depthkv.allocation.builder import BudgetPolicy, BudgetSpec
 from depthkv.engine.cache import clone_cache, kv_bytes
 from depthkv.engine.compressed import CompressedContext, CompressionSettings, profile_sha256
 from depthkv.engine.reconstruct import ContextPassStats, reconstruct_scores
-from depthkv.engine.runner import cache_kwarg, check_input_ids, chunked_prefill, forward_with_cache, new_cache
+from depthkv.engine.runner import (
+    cache_kwarg,
+    check_input_ids,
+    chunked_prefill,
+    forward_with_cache,
+    new_cache,
+    padded_inputs,
+)
 from depthkv.engine.session import Plan, Protection, Session
 from depthkv.engine.static import FastConfig, FastDecodeError, check_greedy, check_model, fast_generate
 from depthkv.engine.tensor_parallel import check_supported as check_tensor_parallel
@@ -74,8 +81,6 @@ class PressConfig:
                 raise BudgetError(f"protected layer {p} does not exist (model has {n_layers} layers)")
         if self.head_budgets and self.mode == "chunked":
             raise ValueError("head_budgets=True prunes once after the prefill: use mode='post', not 'chunked'")
-        if self.head_budgets and self.fast:
-            raise ValueError("head_budgets=True is not supported by the fast decode path yet: drop fast=True")
         if self.setting not in (None, "aware", "agnostic"):
             raise ValueError(f"setting must be 'aware', 'agnostic' or None, got {self.setting!r}")
 
@@ -246,15 +251,19 @@ class Press:
             raise FastDecodeError("inside a fast press, generate builds its own cache: pass none")
         check_input_ids(input_ids)
         check_greedy(self.model, kwargs)
+        padded = padded_inputs(kwargs.get("attention_mask"), input_ids)
         try:
             if self.config.mode == "chunked" or self.scorer.context_pass:
+                if padded:
+                    raise NotImplementedError("prefilling with padded batches is not supported yet (chunked mode, "
+                                              "KVzip)")
                 if input_ids.shape[1] < 2:
                     raise FastDecodeError("this prefill needs a prompt of at least 2 tokens")
                 cache, _ = self._prefill(input_ids[:, :-1])
                 logits = None
             else:  # post: one prefill, every layer pruned right after its attention
                 cache = new_cache(self.model)
-                logits = forward_with_cache(self.model, input_ids, cache)
+                logits = forward_with_cache(self.model, input_ids, cache, **padded)
             self.session.set_plan(self._plan("off"))
             return fast_generate(self.model, cache, input_ids, logits=logits, config=self.fast, **kwargs)
         finally:

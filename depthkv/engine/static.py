@@ -5,10 +5,12 @@ cache: pruning saves bytes but barely any milliseconds. Here, once the context i
 keys/values are copied into a preallocated buffer of ``B_l + horizon`` tokens (``horizon`` = tokens that decoding
 will feed), so every tensor shape stays fixed while decoding and the whole one-token step (embedding, 32 layers,
 LM head, argmax, bookkeeping) can be captured once as a ``torch.cuda.CUDAGraph`` and replayed with no host
-work. All step state lives on the device: the token to feed, its logical RoPE position (continuing at the
-logical length N, as :class:`~depthkv.engine.cache.PrunedLayer` does), the step counter and one additive mask
-per layer that opens the buffer slot written at each step. On CPU the same step runs eagerly (no graphs), which
-is what CI tests against the dynamic path.
+work. All step state lives on the device: the token to feed, each row's logical RoPE position (continuing at
+the logical length N, as :class:`~depthkv.engine.cache.PrunedLayer` does, less a padded row's padding), the
+step counter and each (layer, row, KV head)'s kept length, from which the write slot and the visible prefix
+follow. Rows and KV heads may keep different numbers of tokens: per-head budgets, left-padded batches and
+stacks of differently pruned caches of one prompt decode in one batch. On CPU the same step runs eagerly (no
+graphs), which is what CI tests against the dynamic path.
 
 The decode step is written against the Llama-family layer (RMSNorm, q/k/v/o projections with optional biases,
 rotary embeddings, SiLU-gated MLP); :func:`check_model` refuses anything else with a clear error instead of
@@ -47,6 +49,7 @@ class FastConfig:
     CUDA. ``compile``: ``torch.compile`` the shape-independent per-layer parts (norms, projections, RoPE, MLP)
     to fuse their element-wise kernels (CUDA only; compiled once per model, before the graph capture).
     ``warmup_steps``: real decode steps run eagerly before capturing (cuBLAS/compile warm-up).
+    ``keep_logits``: keep the last step's logits ``[B, V]`` in ``FastDecoder.logits`` (float32; for checks).
     """
 
     attention: str = "auto"
@@ -54,6 +57,7 @@ class FastConfig:
     cuda_graph: bool = True
     compile: bool = False
     warmup_steps: int = 2
+    keep_logits: bool = False
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTIONS:
@@ -120,9 +124,6 @@ def check_greedy(model: nn.Module, kwargs: dict) -> int:
             raise FastDecodeError(f"generation_config.{name}={value!r} changes greedy decoding; not supported")
     if (gc.min_length or 0) > 0:
         raise FastDecodeError("generation_config.min_length is not supported by the fast decode path")
-    mask = kwargs.get("attention_mask")
-    if mask is not None and not bool(mask.all()):
-        raise FastDecodeError("padded batches (attention_mask with zeros) are not supported by the fast path")
     n = kwargs.get("max_new_tokens", gc.max_new_tokens)
     if n is None or n < 1:
         raise FastDecodeError("the fast decode path needs max_new_tokens >= 1")
@@ -130,86 +131,161 @@ def check_greedy(model: nn.Module, kwargs: dict) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ the cache
-class StaticPrunedCache:
-    """Per-layer K/V buffers ``[B, KVH, B_l + horizon, D]`` filled from a (pruned) dynamic cache, plus masks.
+def _layer_rows(layer, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(keys, values, valid) of one cache layer: ``valid`` [B, KVH, K] marks the physical slots that attention
+    may see (None: all of them). Invalid are a ragged layer's filler slots and, with ``attention_mask`` [B, T]
+    of a left-padded batch, the padding of unpruned layers and tails."""
+    from depthkv.engine.cache import PrunedLayer
 
-    ``keys[l]``/``values[l]`` are the exact-size buffers (views); their storage is rounded up to a multiple of
-    ``block`` tokens so that attention can split P·V into equal chunks (the padding stays masked). One flat
-    additive mask holds every layer's mask: 0 over the B_l kept tokens, -inf elsewhere; each decode step opens
-    slot ``B_l + step`` of every layer with one ``index_fill_``.
+    keys, values = layer.keys, layer.values
+    b, kvh, k = keys.shape[:3]
+    valid = getattr(layer, "valid", None)
+    if attention_mask is None and valid is None:
+        return keys, values, None
+    pruned = isinstance(layer, PrunedLayer)
+    n_prefix = layer.n_prefix if pruned else 0
+    start = layer.prefix_end if pruned else 0  # logical position of the first unpruned physical slot
+    prefix = valid if valid is not None else torch.ones(b, kvh, n_prefix, dtype=torch.bool, device=keys.device)
+    if attention_mask is None:
+        rest = torch.ones(b, kvh, k - n_prefix, dtype=torch.bool, device=keys.device)
+    else:  # kept prefixes never hold padding; unpruned slots are padding where the mask says so
+        rest = attention_mask[:, start:start + k - n_prefix].to(device=keys.device, dtype=torch.bool)
+        rest = rest[:, None, :].expand(b, kvh, -1)
+    return keys, values, torch.cat([prefix.to(keys.device), rest], dim=-1)
+
+
+class StaticPrunedCache:
+    """Per-layer K/V buffers ``[B, KVH, cap_l, D]`` filled from (pruned) dynamic caches, each row and KV head
+    with its own length.
+
+    Every (sequence, KV head) of layer l keeps ``kept[l, b, h]`` tokens, stored as the prefix of its buffer row
+    (the order of kept keys does not matter to attention: their RoPE rotation is already applied); decode
+    step ``s`` writes slot ``kept[l, b, h] + s`` and attention reads slots ``[0, kept + s]``. So one fixed-shape
+    buffer serves equal budgets, per-KV-head budgets (ragged layers), the rows of a left-padded batch (whose
+    padding is dropped here) and a stack of independently pruned caches of one prompt (``from_caches``). The
+    buffer of layer l holds ``max(kept[l]) + horizon`` slots, its storage rounded up to a multiple of ``block``.
     """
 
-    def __init__(self, cache, horizon: int, block: int = 256, consume: bool = True):
+    def __init__(self, cache, horizon: int, block: int = 256, consume: bool = True,
+                 attention_mask: torch.Tensor | None = None):
+        self._build([cache], horizon, block, consume, attention_mask)
+
+    @classmethod
+    def from_caches(cls, caches, horizon: int, block: int = 256, consume: bool = True) -> StaticPrunedCache:
+        """One batch row per cache: caches of the same prompt (equal logical length), each pruned its own way
+        (e.g. every method of an evaluation), decoded together."""
+        obj = cls.__new__(cls)
+        obj._build(list(caches), horizon, block, consume, None)
+        return obj
+
+    def _build(self, caches: list, horizon: int, block: int, consume: bool,
+               attention_mask: torch.Tensor | None) -> None:
         if horizon < 0:
             raise FastDecodeError(f"horizon must be >= 0, got {horizon}")
-        layers = cache.layers
-        if not layers or not all(getattr(x, "is_initialized", False) for x in layers):
-            raise FastDecodeError("the cache holds no context: prefill first")
-        if any(getattr(x, "valid", None) is not None for x in layers):
-            raise FastDecodeError("per-KV-head budgets (head_budgets=True) are not supported by the fast decode "
-                                  "path yet: decode without fast=True")
-        logical = {x.get_seq_length() for x in layers}
+        if not caches:
+            raise FastDecodeError("no cache to decode from")
+        n_layers = {len(c.layers) for c in caches}
+        if len(n_layers) != 1:
+            raise FastDecodeError(f"the caches have different numbers of layers: {sorted(n_layers)}")
+        for c in caches:
+            if not c.layers or not all(getattr(x, "is_initialized", False) for x in c.layers):
+                raise FastDecodeError("the cache holds no context: prefill first")
+        logical = {x.get_seq_length() for c in caches for x in c.layers}
         if len(logical) != 1:
             raise FastDecodeError(f"layers disagree on the logical length: {sorted(logical)}")
         self.logical_len = logical.pop()
         self.horizon, self.block = int(horizon), int(block)
-        self.lengths = [int(x.keys.shape[-2]) for x in layers]  # B_l
-        ref = layers[0].keys
+        ref = caches[0].layers[0].keys
         self.dtype, self.device = ref.dtype, ref.device
-        b, kvh, _, d = ref.shape
+        rows = [c.layers[0].keys.shape[0] for c in caches]
+        batch, kvh, d = sum(rows), ref.shape[1], ref.shape[-1]
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.device)
+            n_pad = (attention_mask[:, :self.logical_len] == 0).sum(-1)
+        else:
+            n_pad = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.start_positions = self.logical_len - n_pad  # RoPE position of each row's next token
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self._kstore: list[torch.Tensor] = []
         self._vstore: list[torch.Tensor] = []
-        caps = []
-        for layer, n in zip(layers, self.lengths):
-            cap = n + self.horizon
+        kept = []
+        for i in range(next(iter(n_layers))):
+            parts = [_layer_rows(c.layers[i], attention_mask) for c in caches]
+            counts = torch.cat([torch.full((r, kvh), x[0].shape[2], dtype=torch.long, device=self.device)
+                                if x[2] is None else x[2].sum(-1) for x, r in zip(parts, rows)])
+            longest = int(counts.max())
+            cap = longest + self.horizon
             padded = max(self.block, math.ceil(cap / self.block) * self.block)
-            ks = torch.empty(b, kvh, padded, d, dtype=self.dtype, device=self.device)
-            vs = torch.empty_like(ks)
-            ks[:, :, :n].copy_(layer.keys)
-            vs[:, :, :n].copy_(layer.values)
-            ks[:, :, n:].zero_()
-            vs[:, :, n:].zero_()
-            if consume:  # free the dynamic layer now: the peak stays near one copy of the cache
-                layer.keys = layer.values = torch.empty(0, dtype=self.dtype, device=self.device)
+            ks = torch.zeros(batch, kvh, padded, d, dtype=self.dtype, device=self.device)
+            vs = torch.zeros_like(ks)
+            row = 0
+            for c, (k, v, valid), r in zip(caches, parts, rows):
+                if valid is None:
+                    ks[row:row + r, :, :k.shape[2]].copy_(k)
+                    vs[row:row + r, :, :k.shape[2]].copy_(v)
+                else:  # valid slots first (stable: sequence order kept), the rest zeroed and never read
+                    order = torch.sort((~valid).to(torch.uint8), dim=-1, stable=True).indices
+                    n = min(int(valid.sum(-1).max()), k.shape[2])
+                    order = order[..., :n, None].expand(-1, -1, -1, d)
+                    keep = valid.gather(-1, order[..., 0])[..., None]
+                    ks[row:row + r, :, :n].copy_(k.gather(2, order).masked_fill(~keep, 0))
+                    vs[row:row + r, :, :n].copy_(v.gather(2, order).masked_fill(~keep, 0))
+                if consume:  # free the dynamic layer now: the peak stays near one copy of the cache
+                    c.layers[i].keys = c.layers[i].values = torch.empty(0, dtype=self.dtype, device=self.device)
+                row += r
             self._kstore.append(ks)
             self._vstore.append(vs)
             self.keys.append(ks[:, :, :cap])
             self.values.append(vs[:, :, :cap])
-            caps.append(padded)
-        offsets = [0]
-        for c in caps[:-1]:
-            offsets.append(offsets[-1] + c)
-        self.mask_flat = torch.full((sum(caps),), float("-inf"), dtype=self.dtype, device=self.device)
-        self.masks = [self.mask_flat[o:o + c] for o, c in zip(offsets, caps)]
-        for m, n in zip(self.masks, self.lengths):
-            m[:n] = 0
-        self.base = torch.tensor(self.lengths, dtype=torch.long, device=self.device)  # first free slot per layer
-        self.flat_base = self.base + torch.tensor(offsets, dtype=torch.long, device=self.device)
+            kept.append(counts)
+        self.kept = torch.stack(kept)  # [L, B, KVH]: tokens each row and KV head of each layer holds
+        self.lengths = [int(x.max()) for x in kept]  # the longest row/head per layer (B_l for equal budgets)
         self.step = torch.zeros(1, dtype=torch.long, device=self.device)  # tokens written so far (on device)
+        self._slots = torch.arange(max(x.shape[2] for x in self._kstore), device=self.device)
 
     @property
     def n_layers(self) -> int:
         return len(self.lengths)
 
+    @property
+    def batch(self) -> int:
+        return self._kstore[0].shape[0]
+
     def storage_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._kstore + self._vstore)
 
+    def kept_bytes(self) -> int:
+        """Bytes of the K/V pairs attention reads now: every row's and head's kept tokens plus those decoded."""
+        per = self._kstore[0].shape[-1] * self._kstore[0].element_size() * 2
+        return int((self.kept + self.step).sum()) * per
+
     def buffers(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer ``idx``'s whole key and value buffers ``[B, KVH, padded, D]``, what the attention kernels read
-        (padded to a multiple of ``block``; the slots past the valid length are masked by ``masks[idx]``)."""
+        (slots past each row's and head's write position are never read or are masked)."""
         return self._kstore[idx], self._vstore[idx]
 
     def open_slots(self) -> torch.Tensor:
-        """Unmask this step's slot in every layer; return the per-layer write positions ``[L]`` (in-graph safe)."""
-        self.mask_flat.index_fill_(0, self.flat_base + self.step, 0)
-        return self.base + self.step
+        """This step's write position ``[L, B, KVH]`` of every layer, row and KV head (in-graph safe); attention
+        of layer l reads the slots ``[0, pos[l]]``."""
+        return self.kept + self.step
+
+    def visible(self, idx: int) -> torch.Tensor:
+        """Slots attention of layer ``idx`` sees before this step's token is written, ``[B, KVH]``."""
+        return self.kept[idx] + self.step
+
+    def mask(self, idx: int, pos: torch.Tensor) -> torch.Tensor:
+        """Additive mask ``[B, KVH, 1, padded]`` of layer ``idx``: 0 on slots ``[0, pos]``, -inf elsewhere."""
+        slots = self._slots[: self._kstore[idx].shape[2]]
+        zero = torch.zeros((), dtype=self.dtype, device=self.device)
+        return torch.where(slots <= pos[..., None], zero, float("-inf"))[:, :, None, :]
 
     def write(self, idx: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store the new token's key/value ``[B, KVH, 1, D]`` of layer ``idx`` at slot ``pos`` (1-element tensor)."""
-        self._kstore[idx].index_copy_(2, pos, k)
-        self._vstore[idx].index_copy_(2, pos, v)
+        """Store the new token's key/value ``[B, KVH, 1, D]`` of layer ``idx`` at each row's and head's slot
+        ``pos`` ``[B, KVH]``."""
+        where = pos[..., None, None].expand(-1, -1, 1, k.shape[-1])
+        self._kstore[idx].scatter_(2, where, k)
+        self._vstore[idx].scatter_(2, where, v)
 
 
 def logical_context(cache) -> int:
@@ -252,8 +328,9 @@ def out_mlp(h, attn, wo, bo, ln_w, eps, wg, bg, wu, bu, wd, bd):
     return h + F.linear(F.silu(F.linear(x, wg, bg)) * F.linear(x, wu, bu), wd, bd)
 
 
-def attend_split(q, k, v, mask, scale: float, block: int, pos: torch.Tensor) -> torch.Tensor:
-    """One query token (grouped ``[B, KVH, G, D]``) over a whole buffer ``[B, KVH, C, D]`` with additive ``mask``.
+def attend_split(q, k, v, mask, pos, scale: float, block: int) -> torch.Tensor:
+    """One query token (grouped ``[B, KVH, G, D]``) over a whole buffer ``[B, KVH, C, D]`` with additive ``mask``
+    ``[B, KVH, 1, C]``.
 
     Scores by one batched matmul, softmax in fp32 (as HF's eager attention), then P·V as ``C / block``
     independent chunk products summed in fp32, so that the reduction over the cache is spread over many blocks.
@@ -267,16 +344,18 @@ def attend_split(q, k, v, mask, scale: float, block: int, pos: torch.Tensor) -> 
     return o.sum(2, dtype=torch.float32).to(q.dtype)
 
 
-def attend_sdpa(q, k, v, mask, scale: float, block: int, pos: torch.Tensor) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.view(1, 1, 1, -1), scale=scale)
+def attend_sdpa(q, k, v, mask, pos, scale: float, block: int) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-def attend_triton(q, k, v, mask, scale: float, block: int, pos: torch.Tensor) -> torch.Tensor:
-    """Split-KV Triton kernel over the valid prefix ``[0, pos]`` (the mask is implied by ``pos``)."""
+def attend_triton(q, k, v, mask, pos, scale: float, block: int) -> torch.Tensor:
+    """Split-KV Triton kernel over each row's and head's valid prefix ``[0, pos]`` (no mask needed)."""
     from depthkv.engine.decode_kernel import decode_attention
 
-    c = k.shape[2]
-    chunk = max(128, math.ceil(math.ceil(c / 48) / 64) * 64)  # ~48 splits per KV head: enough blocks for the GPU
+    b, kvh, c = k.shape[:3]
+    # enough programs for the GPU's ~132 SMs: ~48 splits per KV head at batch 1, fewer for large batches
+    n_split = max(1, min(48, math.ceil(2048 / (b * kvh))))
+    chunk = max(128, math.ceil(math.ceil(c / n_split) / 64) * 64)
     return decode_attention(q, k, v, pos, scale, chunk=chunk)
 
 
@@ -324,8 +403,10 @@ class FastDecoder:
         self.cuda = dev.type == "cuda"
         b = cache.keys[0].shape[0]
         self.token = torch.zeros(b, 1, dtype=torch.long, device=dev)  # the token fed at the next step
-        self.position = torch.full((b, 1), cache.logical_len, dtype=torch.long, device=dev)
+        self.position = cache.start_positions[:, None].clone()  # each row's RoPE position (padding excluded)
         self.out = torch.zeros(b, max(1, cache.horizon), dtype=torch.long, device=dev)  # argmax after each step
+        self.logits = (torch.zeros(b, model.config.get_text_config(decoder=True).vocab_size, device=dev)
+                       if self.config.keep_logits else None)
         self._pre, self._post = qkv_rope, out_mlp
         if self.config.compile:
             if not self.cuda:
@@ -333,8 +414,9 @@ class FastDecoder:
             self._pre = torch.compile(qkv_rope, fullgraph=True, dynamic=False)
             self._post = torch.compile(out_mlp, fullgraph=True, dynamic=False)
         self.attention = resolve_attention(self.config.attention, dev)
-        # the attention kernel of one layer: attend(q, k_buffer, v_buffer, mask, scale, block, pos) -> output
+        # the attention kernel of one layer: attend(q, k_buffer, v_buffer, mask, pos, scale, block) -> output
         self.attend = {"split": attend_split, "sdpa": attend_sdpa, "triton": attend_triton}[self.attention]
+        self.masked = self.attention != "triton"  # the Triton kernel reads the valid lengths, not a mask
         self.graph: torch.cuda.CUDAGraph | None = None
         self.steps_done = 0
 
@@ -347,12 +429,14 @@ class FastDecoder:
         pos = c.open_slots()
         for i, (pre, post) in enumerate(self.layers):
             q, k, v = self._pre(h, *pre, cos, sin, self.n_kv, self.head_dim)
-            p = pos[i:i + 1]
+            p = pos[i]
             c.write(i, p, k, v)
-            o = self.attend(q, *c.buffers(i), c.masks[i], self.scale, c.block, p)
+            o = self.attend(q, *c.buffers(i), c.mask(i, p) if self.masked else None, p, self.scale, c.block)
             h = self._post(h, o, *post)
         logits = self.lm_head(self.norm(h))  # [B, 1, V]
         nxt = logits[:, -1].argmax(-1, keepdim=True)
+        if self.logits is not None:
+            self.logits.copy_(logits[:, -1])
         self.out.index_copy_(1, c.step, nxt)
         self.token.copy_(nxt)
         self.position.add_(1)
@@ -424,6 +508,30 @@ def _eos_ids(model: nn.Module, kwargs: dict) -> list[int]:
     return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
 
+def _decode(model: nn.Module, build, done: int, input_ids: torch.Tensor, n_new: int, logits, config, kwargs):
+    """Feed ``input_ids[:, done:]`` then decode ``n_new`` greedy tokens over the buffers ``build(horizon)``."""
+    feed = input_ids[:, done:]
+    if feed.shape[1] == 0:
+        if logits is None:
+            raise FastDecodeError("the cache covers all of input_ids: pass the last position's logits")
+        first = logits[:, -1].argmax(-1, keepdim=True).to(input_ids.device).expand(input_ids.shape[0], 1)
+        new_first = first
+        feed_dec, n_dec = first, n_new - 1
+    else:
+        new_first = None
+        feed_dec, n_dec = feed, n_new
+    horizon = feed_dec.shape[1] + n_dec - 1 if n_dec > 0 else 0
+    static = build(horizon)
+    parts = [] if new_first is None else [new_first]
+    if n_dec > 0:
+        dec = FastDecoder(model, static, config)
+        parts.append(dec.run(feed_dec, n_dec).to(input_ids.device))
+    new = torch.cat(parts, dim=1)
+    pad = kwargs.get("pad_token_id", model.generation_config.pad_token_id)
+    new = _finish(new, _eos_ids(model, kwargs), pad)
+    return torch.cat([input_ids, new], dim=1)
+
+
 @torch.no_grad()
 def fast_generate(model: nn.Module, cache, input_ids: torch.Tensor, max_new_tokens: int | None = None, *,
                   logits: torch.Tensor | None = None, config: FastConfig | None = None, **generate_kwargs):
@@ -433,6 +541,8 @@ def fast_generate(model: nn.Module, cache, input_ids: torch.Tensor, max_new_toke
     holds its first ``cache.get_seq_length()`` tokens, the rest are fed one by one. If the cache already covers
     all of ``input_ids``, pass the last position's ``logits`` (e.g. ``Compressed.logits``). The cache is
     consumed (its tensors are released after the copy). Returns ``input_ids`` followed by the new tokens.
+    A left-padded batch passes its ``attention_mask``: padding is dropped from the buffers, each row continues
+    at its own RoPE position, and rows stop at their own EOS as ``generate``'s do.
     """
     check_model(model)
     if max_new_tokens is not None:
@@ -441,27 +551,47 @@ def fast_generate(model: nn.Module, cache, input_ids: torch.Tensor, max_new_toke
     if input_ids.ndim != 2:
         raise FastDecodeError(f"input_ids must be [batch, tokens], got {tuple(input_ids.shape)}")
     done = logical_context(cache)
-    feed = input_ids[:, done:]
-    if feed.shape[1] == 0:
-        if logits is None:
-            raise FastDecodeError("the cache covers all of input_ids: pass the last position's logits")
-        first = logits[:, -1].argmax(-1, keepdim=True).to(input_ids.device)
-        new_first = first
-        feed_dec, n_dec = first, n_new - 1
-    else:
-        new_first = None
-        feed_dec, n_dec = feed, n_new
-    horizon = feed_dec.shape[1] + n_dec - 1 if n_dec > 0 else 0
-    static = StaticPrunedCache(cache, horizon, block=(config or FastConfig()).block)
-    parts = [] if new_first is None else [new_first]
-    if n_dec > 0:
-        dec = FastDecoder(model, static, config)
-        parts.append(dec.run(feed_dec, n_dec).to(input_ids.device))
-    new = torch.cat(parts, dim=1)
-    pad = generate_kwargs.get("pad_token_id", model.generation_config.pad_token_id)
-    new = _finish(new, _eos_ids(model, generate_kwargs), pad)
-    return torch.cat([input_ids, new], dim=1)
+    mask = generate_kwargs.get("attention_mask")
+    if mask is not None:
+        if mask.shape != input_ids.shape:
+            raise FastDecodeError(f"attention_mask {tuple(mask.shape)} does not match input_ids "
+                                  f"{tuple(input_ids.shape)}")
+        if not bool(mask[:, done:].all()):
+            raise FastDecodeError("the fast decode path needs left padding inside the cached prompt (the tokens "
+                                  "still to feed must all be real)")
+        if bool(mask.all()):
+            mask = None
+    block = (config or FastConfig()).block
+    return _decode(model, lambda horizon: StaticPrunedCache(cache, horizon, block=block, attention_mask=mask),
+                   done, input_ids, n_new, logits, config, generate_kwargs)
+
+
+@torch.no_grad()
+def fast_generate_caches(model: nn.Module, caches, input_ids: torch.Tensor, max_new_tokens: int | None = None, *,
+                         logits: torch.Tensor | None = None, config: FastConfig | None = None, **generate_kwargs):
+    """:func:`fast_generate` for several caches of ONE prompt (``input_ids`` ``[1, T]``), each pruned its own way
+    (different budgets, scorers, ratios), decoded together as one batch: returns ``[len(caches), T + new]``.
+
+    Each row's tokens are those of decoding its cache alone, up to floating-point reduction order (batched
+    matrix products may sum in another order). The caches are consumed.
+    """
+    check_model(model)
+    caches = list(caches)
+    if max_new_tokens is not None:
+        generate_kwargs["max_new_tokens"] = max_new_tokens
+    n_new = check_greedy(model, generate_kwargs)
+    if input_ids.ndim != 2 or input_ids.shape[0] != 1:
+        raise FastDecodeError(f"input_ids must be one prompt [1, tokens], got {tuple(input_ids.shape)}")
+    if not caches:
+        raise FastDecodeError("no cache to decode from")
+    if logits is not None and logits.shape[0] == 1:
+        logits = logits.expand(len(caches), *logits.shape[1:])
+    block = (config or FastConfig()).block
+    done = logical_context(caches[0])
+    ids = input_ids.expand(len(caches), -1)
+    return _decode(model, lambda horizon: StaticPrunedCache.from_caches(caches, horizon, block=block),
+                   done, ids, n_new, logits, config, generate_kwargs)
 
 
 __all__ = ["FastConfig", "FastDecodeError", "FastDecoder", "StaticPrunedCache", "check_greedy", "check_model",
-           "fast_generate"]
+           "fast_generate", "fast_generate_caches"]
