@@ -788,6 +788,10 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--devices", default=None,
                    help="data-parallel: comma-separated devices, one worker process each, e.g. 0,1 (CUDA) or "
                         "cpu,cpu; samples are sharded, rows merged into results.jsonl (or run under torchrun)")
+    p.add_argument("--decode", default="auto", choices=["auto", "hf", "fast"],
+                   help="hf: model.generate per cell; fast: a sample's cells decoded together as one batch of the "
+                        "fixed-shape fast path (Llama/Qwen2 families); auto: fast on CUDA, hf elsewhere")
+    p.add_argument("--decode-batch", type=int, default=32, help="cells decoded together with --decode fast")
 
 
 @command("eval", _eval_args)
@@ -851,7 +855,7 @@ def _eval(args: argparse.Namespace) -> int:
         profile=str(args.profile) if args.profile else None, seed=args.seed, max_new_tokens=args.max_new_tokens,
         protect_first_layer=args.protect_first_layer, n_sink=args.n_sink, n_recent=args.n_recent,
         min_tokens=args.min_tokens, task_options=parse_task_options(args.task_options), dtype=args.dtype,
-        attn=args.attn, force_profile=args.force_profile,
+        attn=args.attn, force_profile=args.force_profile, decode=args.decode, decode_batch=args.decode_batch,
     )
     cfg.validate()  # before loading the model: bad names and a missing --profile fail at once
     from depthkv.eval import parallel

@@ -127,6 +127,24 @@ def test_rows_carry_the_full_configuration(tmp_path, lm):
     assert cfg_file["command"].startswith("depthkv eval --model tiny-llama")
 
 
+def test_batched_fast_decode_gives_the_rows_of_per_cell_generate(tmp_path, lm):
+    """--decode fast (a sample's cells decoded together on the fixed-shape path, 3 at a time here so groups
+    split the grid) writes the same outputs, scores and bytes as model.generate per cell."""
+    kw = dict(tasks=("needle",), methods=("full", "uniform", "optimal", "uniform+heads"), max_new_tokens=8,
+              settings=("aware", "agnostic"))
+    hf = run_eval(lm, config(tmp_path, lm, decode="hf", **kw), tmp_path / "hf", progress=False)
+    fast = run_eval(lm, config(tmp_path, lm, decode="fast", decode_batch=3, **kw), tmp_path / "fast",
+                    progress=False)
+    assert {r["decode"] for r in hf.rows} == {"hf"} and {r["decode"] for r in fast.rows} == {"fast"}
+    assert len(fast.rows) == len(hf.rows) == 2 * 2 * (1 + 3 * 2 * 2)
+    volatile = (*VOLATILE, "decode")
+    drop = lambda rows: {k: {f: v for f, v in r.items() if f not in volatile} for k, r in strip(rows).items()}  # noqa: E731
+    assert drop(fast.rows) == drop(hf.rows)
+    assert len({r["output"] for r in fast.rows}) > 2  # the answers differ between cells: the check has teeth
+    with pytest.raises(EvalError, match="--decode"):
+        config(tmp_path, lm, decode="beam").validate()
+
+
 class Interrupt(Exception):
     pass
 

@@ -57,6 +57,7 @@ if TYPE_CHECKING:
     from depthkv.eval.parallel import Shard
 
 SETTINGS = ("aware", "agnostic")
+DECODERS = ("auto", "hf", "fast")
 FULL = "full"
 # greedy tokens generated per task unless --max-new-tokens says otherwise (answers are short; summaries not;
 # reasoning models work the sum out before the answer: at 48 tokens Qwen2.5-Coder-1.5B's GSM-inf answers were
@@ -91,6 +92,12 @@ class EvalConfig:
     dtype: str = "auto"  # the model's dtype; "auto" is filled in from the loaded model by run_eval
     attn: str = "sdpa"
     force_profile: bool = False  # use a profile calibrated with another scorer or setting anyway
+    # how answers are decoded (neither changes what a cell measures, so neither is part of the run's identity):
+    # "hf": model.generate per cell; "fast": a sample's cells decoded together, ``decode_batch`` at a time, as
+    # one batch of the fixed-shape fast path (depthkv.engine.static: each row keeps its own per-layer and
+    # per-head lengths); "auto": fast on CUDA for the model families it supports, else hf
+    decode: str = "auto"
+    decode_batch: int = 32
 
     def __post_init__(self) -> None:
         for name in ("tasks", "methods", "scorers", "settings"):
@@ -172,6 +179,10 @@ class EvalConfig:
             raise EvalError(f"--samples must be >= 1, got {self.samples}")
         if self.context_tokens < 1:
             raise EvalError(f"--context-tokens must be >= 1, got {self.context_tokens}")
+        if self.decode not in DECODERS:
+            raise EvalError(f"--decode must be one of {', '.join(DECODERS)}, got {self.decode!r}")
+        if self.decode_batch < 1:
+            raise EvalError(f"--decode-batch must be >= 1, got {self.decode_batch}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise EvalError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         if self.n_sink < 0 or self.n_recent < 0 or self.floor < 1:
@@ -234,6 +245,10 @@ class EvalConfig:
             parts += ["--dtype", self.dtype]
         if self.attn != "sdpa":
             parts += ["--attn", self.attn]
+        if self.decode != "auto":
+            parts += ["--decode", self.decode]
+        if self.decode_batch != 32:
+            parts += ["--decode-batch", str(self.decode_batch)]
         if out is not None:
             parts += ["--out", str(out)]
         return shlex.join(parts)
@@ -243,7 +258,8 @@ class EvalConfig:
         from depthkv.models.hashing import sha256_file
 
         d = self.to_dict()
-        d.pop("force_profile")  # changes no result: config.json records it beside the run
+        for key in ("force_profile", "decode", "decode_batch"):  # change no result: rows record them
+            d.pop(key)
         d["profile_sha256"] = sha256_file(self.profile) if self.profile else None
         return d
 
@@ -377,6 +393,7 @@ class _Sweep:
     count: Callable[[str], int]
     common: dict[str, Any]  # the fields every row carries
     pad: int
+    decoder: str  # "hf" or "fast": EvalConfig.decode resolved for this model and device
     _budgets: dict[tuple, Any] = field(default_factory=dict)
 
     def budgets(self, method: str, ratio: float, n: int, scores=None):
@@ -457,8 +474,7 @@ def run_eval(
                 bar.set_postfix_str(f"{label} {setting}", refresh=False)
                 pf = _prefill(sweep, label, sample, setting)
                 prefills += 1
-                for cell in left:
-                    row = _cell_row(sweep, pf, cell, full_out)
+                for row in _cell_rows(sweep, pf, left, full_out):
                     writer.append(row)
                     new_rows += 1
                     bar.update(1)
@@ -528,7 +544,24 @@ def _set_up(lm, cfg: EvalConfig, out: str | Path, *, force: bool, write_config: 
     return _Sweep(
         cfg, lm.name, model, tok, folder, n_layers, view, samples, scorers, Protection(cfg.n_sink, cfg.n_recent),
         token_counter(tok), common, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+        _decoder(cfg.decode, model),
     )
+
+
+def _decoder(choice: str, model) -> str:
+    """``auto`` -> ``fast`` on CUDA for the model families the fast path supports, else ``hf``; an explicit
+    ``fast`` for a model it does not support is refused before any work."""
+    from depthkv.engine.static import FastDecodeError, check_model
+
+    if choice == "hf":
+        return "hf"
+    try:
+        check_model(model)
+    except FastDecodeError as exc:
+        if choice == "fast":
+            raise EvalError(f"--decode fast: {exc}") from None
+        return "hf"
+    return "fast" if choice == "fast" or model.device.type == "cuda" else "hf"
 
 
 def _load_profile(cfg: EvalConfig, identity: dict[str, Any], sha256: str | None):
@@ -593,25 +626,67 @@ def _prefill(sweep: _Sweep, label: str, sample, setting: str) -> _Prefill:
     return _Prefill(label, sample, setting, int(prefix.shape[1]), full_ids, sp, seconds, kv_bytes(sp.cache))
 
 
-def _cell_row(sweep: _Sweep, pf: _Prefill, cell: Cell, full_out: dict[tuple[str, str], str]) -> dict[str, Any]:
-    """Prune ``pf``'s cache to the cell's budgets, decode greedily and score the output: the cell's row.
+@dataclass
+class _Pending:
+    """A cell pruned and waiting for its answer: its row so far, its cache (None: infeasible) and budgets."""
 
-    A budget the allocator cannot meet gives an ``infeasible`` row. ``full_out`` holds the full-cache output
-    of each (sample, setting), the reference of reference-based metrics; the ``full`` cell adds to it.
+    cell: Cell
+    row: dict[str, Any]
+    cache: Any = None
+    budgets: Any = None
+    seconds: float = 0.0  # pruning time (the decode's share is added when the answer is in)
+
+
+def _cell_rows(sweep: _Sweep, pf: _Prefill, cells: Sequence[Cell], full_out: dict[tuple[str, str], str]):
+    """The rows of ``cells`` of one prefilled sample, in order (``full`` first).
+
+    ``hf``: each cell pruned, decoded with ``model.generate`` and scored before the next. ``fast``: up to
+    ``decode_batch`` cells pruned, then decoded together as one batch of the fast path; each row's ``seconds``
+    is its pruning plus an equal share of the batch's decode.
     """
+    if sweep.decoder == "hf":
+        for cell in cells:
+            job = _prepare(sweep, pf, cell)
+            if job.cache is not None:
+                t0 = time.perf_counter()
+                seed = _seed_for(sweep.cfg.seed, pf.sample.id, pf.setting, cell.method, cell.scorer, cell.ratio)
+                text, n_new = _decode(sweep, job.cache, pf.full_ids, job.row["max_new_tokens"], seed)
+                job.seconds += time.perf_counter() - t0
+                job.cache = None
+                _finish_row(sweep, pf, job, text, n_new, full_out)
+            yield job.row
+        return
+    size = sweep.cfg.decode_batch
+    for start in range(0, len(cells), size):
+        jobs = [_prepare(sweep, pf, cell) for cell in cells[start:start + size]]
+        live = [j for j in jobs if j.cache is not None]
+        if live:
+            t0 = time.perf_counter()
+            answers = _decode_together(sweep, [j.cache for j in live], pf, live[0].row["max_new_tokens"])
+            share = (time.perf_counter() - t0) / len(live)
+            for job, (text, n_new) in zip(live, answers):
+                job.seconds += share
+                job.cache = None
+                _finish_row(sweep, pf, job, text, n_new, full_out)
+        yield from (j.row for j in jobs)
+
+
+def _prepare(sweep: _Sweep, pf: _Prefill, cell: Cell) -> _Pending:
+    """The cell's row so far and its pruned cache; a budget the allocator cannot meet gives a finished
+    ``infeasible`` row and no cache."""
     from depthkv.allocation.budgets import BudgetError
     from depthkv.engine.cache import kv_bytes_ragged
     from depthkv.tasks.metrics import METRICS
 
     t0 = time.perf_counter()
-    sample, sid, setting = pf.sample, pf.sample.id, pf.setting
+    sample = pf.sample
     spec = METRICS[sample.metric]
-    max_new = sweep.cfg.max_tokens_for(pf.label)
     row = {
-        **sweep.common, "task": pf.label, "sample_id": sid, "sample_meta": _scalar_meta(sample.meta),
-        "setting": setting, "method": cell.method, "scorer": cell.scorer, "ratio": cell.ratio,
-        "context_len": pf.n_ctx, "prompt_len": int(pf.full_ids.shape[1]), "max_new_tokens": max_new,
-        "metric": sample.metric, "primary": spec.primary, "answer": sample.answer,
+        **sweep.common, "task": pf.label, "sample_id": sample.id, "sample_meta": _scalar_meta(sample.meta),
+        "setting": pf.setting, "method": cell.method, "scorer": cell.scorer, "ratio": cell.ratio,
+        "context_len": pf.n_ctx, "prompt_len": int(pf.full_ids.shape[1]),
+        "max_new_tokens": sweep.cfg.max_tokens_for(pf.label), "metric": sample.metric, "primary": spec.primary,
+        "answer": sample.answer, "decode": sweep.decoder,
     }
     if cell.method == FULL:
         cache, budgets = pf.scored.full_cache(), None
@@ -621,29 +696,38 @@ def _cell_row(sweep: _Sweep, pf: _Prefill, cell: Cell, full_out: dict[tuple[str,
             row.update(status="infeasible", error=str(budgets), budgets=None, kv_bytes_kept=None,
                        kv_bytes_full=pf.full_bytes, kv_share=None, output=None, metrics=None, score=None,
                        new_tokens=0, seconds=0.0, prefill_seconds=pf.seconds)
-            return row
+            return _Pending(cell, row)
         cache = pf.scored.prune(cell.scorer, budgets, head_budgets=split_method(cell.method)[1])
-    kept = kv_bytes_ragged(cache)  # per-head budgets: the kept pairs, not the padding
-    seed = _seed_for(sweep.cfg.seed, sid, setting, cell.method, cell.scorer, cell.ratio)
-    text, n_new = _decode(sweep, cache, pf.full_ids, max_new, seed)
+    row["kv_bytes_kept"] = kv_bytes_ragged(cache)  # per-head budgets: the kept pairs, not the padding
+    return _Pending(cell, row, cache, budgets, time.perf_counter() - t0)
+
+
+def _finish_row(sweep: _Sweep, pf: _Prefill, job: _Pending, text: str, n_new: int,
+                full_out: dict[tuple[str, str], str]) -> None:
+    """Score the cell's answer into its row. ``full_out`` holds the full-cache output of each (sample,
+    setting), the reference of reference-based metrics; the ``full`` cell adds to it."""
+    from depthkv.tasks.metrics import METRICS
+
+    row, cell, sid = job.row, job.cell, pf.sample.id
     ref = None
-    if spec.name == "rouge":
-        ref = text if cell.method == FULL else full_out.get((sid, setting))
+    if METRICS[pf.sample.metric].name == "rouge":
+        ref = text if cell.method == FULL else full_out.get((sid, pf.setting))
         if ref is None:
             raise EvalError(f"{sid}: the summarisation metric needs the full-cache output; include 'full' in --methods")
-    metrics = _score(sample, text, ref, sweep.count)
+    metrics = _score(pf.sample, text, ref, sweep.count)
+    kept = row["kv_bytes_kept"]
     row.update(
-        status="ok", error=None, budgets=list(budgets.tokens) if budgets else [pf.n_ctx] * sweep.n_layers,
+        status="ok", error=None,
+        budgets=list(job.budgets.tokens) if job.budgets else [pf.n_ctx] * sweep.n_layers,
         kv_bytes_kept=kept, kv_bytes_full=pf.full_bytes, kv_share=kept / pf.full_bytes, output=text,
-        metrics=metrics, score=metrics[spec.primary], new_tokens=n_new, seconds=time.perf_counter() - t0,
+        metrics=metrics, score=metrics[row["primary"]], new_tokens=n_new, seconds=job.seconds,
         prefill_seconds=pf.seconds,
         context_pass_seconds=pf.scored.context_pass.seconds if pf.scored.context_pass else 0.0,
     )
     if ref is not None:
         row["reference"] = ref
     if cell.method == FULL:
-        full_out[(sid, setting)] = text
-    return row
+        full_out[(sid, pf.setting)] = text
 
 
 def _decode(sweep: _Sweep, cache, full_ids, max_new: int, seed: int) -> tuple[str, int]:
@@ -659,6 +743,21 @@ def _decode(sweep: _Sweep, cache, full_ids, max_new: int, seed: int) -> tuple[st
                                       pad_token_id=sweep.pad, top_p=None, top_k=None, temperature=None)
     new = out_ids[0, full_ids.shape[1]:]
     return sweep.tokenizer.decode(new, skip_special_tokens=True).strip(), int(new.shape[0])
+
+
+def _decode_together(sweep: _Sweep, caches: list, pf: _Prefill, max_new: int) -> list[tuple[str, int]]:
+    """Greedy answers of several pruned caches of one prompt, decoded as one fast-path batch: (text, new
+    tokens) per cache, each cut after its first end-of-sequence token as ``generate`` stops there."""
+    from depthkv.engine.static import fast_generate_caches
+
+    out = fast_generate_caches(sweep.model, caches, pf.full_ids, max_new, do_sample=False, pad_token_id=sweep.pad)
+    eos = sweep.model.generation_config.eos_token_id
+    eos = set() if eos is None else set(eos if isinstance(eos, (list, tuple)) else [eos])
+    answers = []
+    for row in out[:, pf.full_ids.shape[1]:].tolist():
+        n = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        answers.append((sweep.tokenizer.decode(row[:n], skip_special_tokens=True).strip(), n))
+    return answers
 
 
 def _summarise(sweep: _Sweep, rows: list[dict]) -> list[dict]:

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Qwen2.5-Coder-1.5B evidence on the GPU machine: profiles and evaluation grids, both settings.
+#
+# Runs from the repository root on a machine where the model is in the depthkv cache ($DEPTHKV_CACHE, e.g. after
+# ../shared/tools/qwen-to-gpu.sh or `depthkv models add`). Every step is resumable and keeps its state in
+# $RUNS (default /root/runs): a step cut by its time limit continues where it stopped when run again.
+#
+#   bash benchmarks/qwen_gpu.sh calibrate aware      # SnapKV profile, question in the prefill, refined at $REFINE
+#   bash benchmarks/qwen_gpu.sh calibrate agnostic   # KVzip profile, context compressed before the question
+#   SETTING=aware bash benchmarks/qwen_gpu.sh eval NAME   # one grid into $RUNS/NAME (see the variables below)
+#   bash benchmarks/qwen_gpu.sh kvpress NAME         # kvpress 0.5.5 presses on the agnostic samples (.kvwhl/)
+#   bash benchmarks/qwen_gpu.sh collect [DIR]        # results, configs, profiles: DIR/runs.tgz (default $OUT)
+#
+# Variables [defaults]: MODEL [qwen2.5-coder-1.5b], CTX [4096] eval context, SAMPLES [40] per task,
+# TASKS [needle,multikey,vartrack,docqa], SETTING [agnostic], METHODS (aware: full,uniform,pyramid,optimal,
+# optimal-joint; agnostic: full,uniform,optimal,adaptive,global+heads,adaptive+heads), SCORERS (aware: snapkv;
+# agnostic: kvzip), RATIOS [0.6,0.8,0.9], PROFILE [the step's own profile; "none" for none], CALIB_CTX [4096],
+# CALIB_SAMPLES [64], REFINE [0.8,0.9], LIMIT [540] seconds per step, DEVICE [cuda], DEVICES (e.g. 0,1:
+# data-parallel over those GPUs), DECODE_BATCH [48] cells decoded together (one fast-path batch per sample).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MODEL=${MODEL:-qwen2.5-coder-1.5b}
+CTX=${CTX:-4096}
+SAMPLES=${SAMPLES:-40}
+TASKS=${TASKS:-needle,multikey,vartrack,docqa}
+SETTING=${SETTING:-agnostic}
+RATIOS=${RATIOS:-0.6,0.8,0.9}
+CALIB_CTX=${CALIB_CTX:-4096}
+CALIB_SAMPLES=${CALIB_SAMPLES:-64}
+REFINE=${REFINE:-0.8,0.9}
+LIMIT=${LIMIT:-540}
+RUNS=${RUNS:-/root/runs}
+DEVICE=${DEVICE:-cuda}
+DECODE_BATCH=${DECODE_BATCH:-48}
+export DEPTHKV_CACHE=${DEPTHKV_CACHE:-/root/dkc} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}  # /tmp/site: wheels carried to the GPU machine
+mkdir -p "$RUNS"
+scorer_for() { [ "$1" = aware ] && echo snapkv || echo kvzip; }
+profile_for() { echo "$RUNS/profile_$(scorer_for "$1")_$1.json"; }
+if [ -n "${DEVICES:-}" ]; then devices=(--devices "$DEVICES"); else devices=(--device "$DEVICE"); fi
+step=${1:-}
+case "$step" in
+calibrate)
+  setting=${2:?calibrate aware|agnostic}
+  out=$(profile_for "$setting")
+  [ -f "$out" ] && { echo "profile exists: $out"; exit 0; }
+  refine=()
+  [ "$setting" = aware ] && [ -n "$REFINE" ] && refine=(--refine-ratios "$REFINE")
+  timeout "$LIMIT" python3 -m depthkv calibrate --model "$MODEL" --device "$DEVICE" --scorer "$(scorer_for "$setting")" \
+    --setting "$setting" --samples "$CALIB_SAMPLES" --context-tokens "$CALIB_CTX" --probe-ratios 0.5,0.8,0.95,1.0 \
+    --no-proxy "${refine[@]}" --out "$out" 2>&1 | tail -n 30 || echo "calibrate failed or stopped at the limit"
+  ;;
+eval)
+  name=${2:?eval NAME}
+  if [ "$SETTING" = aware ]; then
+    methods=${METHODS:-full,uniform,pyramid,optimal,optimal-joint}
+  else
+    methods=${METHODS:-full,uniform,optimal,adaptive,global+heads,adaptive+heads}
+  fi
+  scorers=${SCORERS:-$(scorer_for "$SETTING")}
+  profile=${PROFILE:-$(profile_for "$SETTING")}
+  extra=()
+  [ "$profile" != none ] && extra=(--profile "$profile")
+  # a profile serves the scorers it was not calibrated with only on purpose: say so in the run's record
+  [ "$profile" != none ] && [ "$scorers" != "$(scorer_for "$SETTING")" ] && extra+=(--force-profile)
+  timeout "$LIMIT" python3 -m depthkv eval --model "$MODEL" "${devices[@]}" --tasks "$TASKS" --settings "$SETTING" \
+    --methods "$methods" --scorers "$scorers" --ratios "$RATIOS" --samples "$SAMPLES" --context-tokens "$CTX" \
+    --decode-batch "$DECODE_BATCH" "${extra[@]}" --no-progress --out "$RUNS/$name" 2>&1 | tail -n 40 \
+    || echo "eval stopped (limit $LIMIT s or error); run again to resume"
+  ;;
+kvpress)
+  name=${2:-kp}
+  if [ ! -d /tmp/kvsite ]; then
+    python3 -m pip install -q --no-index --no-deps --target /tmp/kvsite .kvwhl/*.whl
+  fi
+  PYTHONPATH=/tmp/kvsite:$PYTHONPATH timeout "$LIMIT" python3 benchmarks/kvpress_agnostic.py --model "$MODEL" \
+    --device "$DEVICE" --tasks "$TASKS" --samples "$SAMPLES" --context-tokens "$CTX" --ratios "$RATIOS" \
+    --presses "${PRESSES:-kvzip,expected_attention,adakv_ea}" --out "$RUNS/$name" 2>&1 | tail -n 30 \
+    || echo "kvpress stopped (limit $LIMIT s or error); run again to resume"
+  ;;
+collect)
+  dest=${2:-${OUT:?give a folder or set OUT}}
+  mkdir -p "$dest"
+  # one archive: the device tool returns few files (results, configs and profiles of every run)
+  (cd "$RUNS" && find . -maxdepth 2 \( -name 'results*.jsonl' -o -name config.json -o -name 'profile_*.json' \) \
+    -print0 | tar --null -czf "$dest/runs.tgz" -T -)
+  ls -la "$dest"
+  ;;
+*)
+  echo "usage: $0 calibrate aware|agnostic | eval NAME | kvpress [NAME] | collect [DIR]" >&2; exit 2 ;;
+esac
