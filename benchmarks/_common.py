@@ -24,6 +24,14 @@ SHAPES = {  # architecture fields of public configs (no weights): random-initial
                          max_position_embeddings=131072, rope_theta=500000.0,
                          rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    # Llama-3.1-70B's real widths (and its GQA of 64 query / 8 KV heads, the 8B's llama3 RoPE), but only 4 of
+    # its 80 layers: per-layer weights, KV bytes and tensor-parallel shards are the 70B's, while the model fits
+    # (and initialises) quickly; per-step times are for 4 layers, not 80
+    "llama-3.1-70b-4l": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=4,
+                             num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
+                             max_position_embeddings=131072, rope_theta=500000.0,
+                             rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
     # smoke tests of the scripts (the 8B shape's layer and head counts, tiny widths)
     "tiny-32l": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=32,
                      num_attention_heads=8, num_key_value_heads=2, vocab_size=1000, max_position_embeddings=8192),
