@@ -11,12 +11,18 @@ from hypothesis import strategies as st
 import depthkv
 from depthkv.allocation import (
     AllocatorError,
+    BudgetError,
     SensitivityView,
+    adaptive,
     allocate,
     global_budget,
     head_split,
     rank_curves,
+    select_top,
 )
+from depthkv.allocation.adaptive import take_best
+from depthkv.allocation.optimal import allocate_optimal
+from depthkv.allocation.registry import make_request
 from depthkv.engine import Plan, Protection, Session, clone_cache, score_prefill
 from depthkv.engine.cache import kv_bytes, kv_bytes_ragged
 from depthkv.engine.runner import forward_with_cache
@@ -144,3 +150,168 @@ def test_press_head_budgets_and_global_generate(tiny_models):
         depthkv.press(model, "snapkv", 0.6, head_budgets=True, mode="chunked")
     with pytest.raises(ValueError, match="post"):
         depthkv.press(model, "snapkv", 0.6, strategy="global", mode="chunked")
+
+
+# ---------------------------------------------------------------- the vectorised path equals the definition
+# The reference below is the pointwise definition, computed the plain way: numpy per layer, then the generic
+# ``select_top`` solver (its own binary search, no shortcut) over ``priority(l, k) = curves[l, k - 1]``.
+
+
+def _ref_curves(scores, normalise="none"):
+    rows = [(s.detach().float().numpy() if isinstance(s, torch.Tensor) else np.asarray(s)).astype(np.float64)
+            for s in scores]
+    rows = [r.reshape(-1, r.shape[-1]) for r in rows]
+    finite = np.concatenate([r[np.isfinite(r)] for r in rows])
+    top = float(finite.max()) if finite.size else 0.0
+    low = float(finite.min()) if finite.size else 0.0
+    out = []
+    for a in rows:
+        a = np.where(np.isfinite(a), a, top + 1.0) - min(low, 0.0)
+        c = (-np.sort(-a, axis=-1)).mean(axis=0)
+        if normalise == "mean":
+            fin = c[c <= top + 1.0 - min(low, 0.0) - 1e-12]
+            c = c / (float(fin.mean()) if fin.size and fin.mean() > 0 else 1.0)
+        out.append(np.minimum.accumulate(c))
+    return np.stack(out)
+
+
+def _ref_select(need, lo, hi, curves, method="auto"):
+    return select_top(need, lo, hi, lambda layers, k: curves[layers, k - 1], method=method)
+
+
+def _ref_allocate(strategy, n_layers, n, ratio, scores, protected=(), floor=20, normalise="none", view=None,
+                  share=0.5):
+    req = make_request(n_layers, n, ratio, protected=protected, min_tokens=floor)
+    free = list(req.free)
+    lo = np.full(len(free), req.floor, dtype=np.int64)
+    if strategy == "adaptive":
+        static = np.asarray(allocate_optimal(req, view).tokens)
+        lo = np.maximum(lo, np.floor(share * static[free]).astype(np.int64))
+    hi = np.full(len(free), n, dtype=np.int64)
+    lo = np.minimum(lo, hi)
+    picked = _ref_select(req.rest - int(lo.sum()), lo, hi, _ref_curves(scores, normalise)[free])
+    tokens = [n] * n_layers
+    for i, t in zip(free, picked):
+        tokens[i] = int(t)
+    return tuple(tokens)
+
+
+def _tied_scores(rng, n_layers, rows, n, levels, kind):
+    """Scores with many exact ties (few distinct levels), some protected (+inf), NaN and negative values."""
+    out = []
+    for _ in range(n_layers):
+        s = rng.integers(0, levels, size=(1, rows, n)).astype(np.float64) / levels - 0.1
+        s[..., : rng.integers(0, 5)] = np.inf
+        if rng.random() < 0.3:
+            s[0, 0, rng.integers(0, n)] = np.nan
+        out.append(s if kind == "numpy" else torch.tensor(s, dtype=getattr(torch, kind)))
+    return out
+
+
+EXACT = settings(max_examples=60, deadline=None, derandomize=True)
+
+
+@EXACT
+@given(st.integers(1, 6), st.sampled_from([1, 2, 3, 6, 8, 16]), st.integers(2, 120), st.sampled_from([2, 5, 1000]),
+       st.sampled_from(["numpy", "float32", "bfloat16"]), st.sampled_from(["none", "mean"]), st.integers(0, 10_000))
+def test_rank_curves_equal_the_reference_bit_for_bit(n_layers, rows, n, levels, kind, normalise, seed):
+    scores = _tied_scores(np.random.default_rng(seed), n_layers, rows, n, levels, kind)
+    np.testing.assert_array_equal(rank_curves(scores, normalise), _ref_curves(scores, normalise))
+
+
+def test_rank_curves_layers_of_different_head_counts():
+    rng = np.random.default_rng(3)
+    scores = [rng.gamma(0.5, size=(1, h, 64)) for h in (1, 4, 2)]
+    np.testing.assert_array_equal(rank_curves(scores), _ref_curves(scores))
+
+
+@EXACT
+@given(st.integers(1, 5), st.integers(1, 6), st.integers(1, 60), st.integers(0, 10_000), st.data())
+def test_take_best_equals_select_top(rows, batch, width, seed, data):
+    """Ties at the threshold are filled k ascending, then row ascending: the same units as both solvers."""
+    rng = np.random.default_rng(seed)
+    curves = -np.sort(-rng.integers(0, 4, size=(batch, rows, width)).astype(np.float64), axis=-1)
+    lo = rng.integers(0, width + 1, size=rows)
+    hi = np.array([rng.integers(a, width + 1) for a in lo])
+    need = data.draw(st.integers(0, int((hi - lo).sum())))
+    got = take_best(need, lo, hi, torch.from_numpy(curves))
+    for b in range(batch):
+        for method in ("enumerate", "bisect"):
+            np.testing.assert_array_equal(got[b], _ref_select(need, lo, hi, curves[b], method))
+    np.testing.assert_array_equal(take_best(need, lo, hi, curves[0]), got[0])
+
+
+def test_take_best_rejects_what_select_top_rejects():
+    curves = np.zeros((2, 5))
+    with pytest.raises(BudgetError, match="cannot place 9 units"):
+        take_best(9, [0, 2], [5, 5], curves)
+    with pytest.raises(BudgetError, match="lo <= hi"):
+        take_best(1, [3, 0], [2, 5], curves)
+
+
+@EXACT
+@given(st.integers(1, 8), st.integers(1, 4), st.integers(24, 200), st.floats(0.0, 0.95), st.sampled_from([3, 50, 0]),
+       st.sampled_from(["numpy", "float32"]), st.sampled_from(["none", "mean"]), st.booleans(), st.integers(0, 10_000))
+def test_global_equals_the_reference(n_layers, kvh, n, ratio, levels, kind, normalise, protect, seed):
+    rng = np.random.default_rng(seed)
+    scores = (_tied_scores(rng, n_layers, kvh, n, levels, kind) if levels else
+              [torch.tensor(s, dtype=torch.float32) if kind == "float32" else s for s in _scores(rng, n_layers, kvh, n)])
+    protected = (0,) if protect and n_layers > 1 else ()
+    try:
+        want = _ref_allocate("global", n_layers, n, ratio, scores, protected, normalise=normalise)
+    except BudgetError:
+        with pytest.raises(BudgetError):
+            allocate("global", n_layers, n, ratio, scores=scores, protected=protected, min_tokens=20,
+                     normalise=normalise)
+        return
+    got = allocate("global", n_layers, n, ratio, scores=scores, protected=protected, min_tokens=20, normalise=normalise)
+    assert got.tokens == want
+
+
+@EXACT
+@given(st.integers(2, 8), st.integers(32, 200), st.floats(0.3, 0.95), st.floats(0.0, 1.0), st.sampled_from([3, 0]),
+       st.integers(0, 10_000))
+def test_adaptive_equals_the_reference(n_layers, n, ratio, share, levels, seed):
+    rng = np.random.default_rng(seed)
+    view = _view(n_layers, rng)
+    scores = _tied_scores(rng, n_layers, 2, n, levels, "numpy") if levels else _scores(rng, n_layers, 2, n)
+    if global_budget(n_layers, n, ratio) < n_layers * 20:
+        return
+    got = allocate("adaptive", n_layers, n, ratio, sensitivity=view, scores=scores, min_tokens=20, floor_share=share)
+    assert got.tokens == _ref_allocate("adaptive", n_layers, n, ratio, scores, view=view, share=share)
+
+
+@EXACT
+@given(st.integers(1, 3), st.integers(1, 8), st.integers(20, 150), st.sampled_from([2, 1000]),
+       st.sampled_from(["numpy", "float32"]), st.integers(0, 10_000), st.data())
+def test_head_split_equals_the_reference(batch, kvh, n, levels, kind, seed, data):
+    rng = np.random.default_rng(seed)
+    s = np.concatenate([_tied_scores(rng, 1, kvh, n, levels, "numpy")[0] for _ in range(batch)])
+    floor = data.draw(st.integers(1, 30))
+    budget = data.draw(st.integers(1, n))
+    lo = np.full(kvh, min(floor, n, budget))
+    want = np.stack([_ref_select(budget * kvh - int(lo.sum()), lo, np.full(kvh, n),
+                                 _ref_curves([row[h][None] for h in range(kvh)])) for row in s])
+    got = head_split(s if kind == "numpy" else torch.tensor(s, dtype=torch.float32), budget, floor)
+    np.testing.assert_array_equal(got, want)
+    assert got.dtype == np.int64 and got.shape == (batch, kvh)
+
+
+def test_accelerator_code_path_gives_the_same_budgets(monkeypatch):
+    """The sort-based selection used on GPUs (torch sort, threshold by a full sort) equals the host one."""
+    rng = np.random.default_rng(11)
+    view = _view(6, rng)
+    inputs = [[torch.tensor(s, dtype=torch.float32) for s in _tied_scores(rng, 6, 4, 300, 7, "numpy")],
+              [torch.tensor(s, dtype=torch.float32) for s in _scores(rng, 6, 4, 300)]]  # with and without ties
+    layers = [torch.tensor(np.concatenate([_tied_scores(rng, 1, 4, 300, 3, "numpy")[0]] * 2), dtype=torch.float32),
+              torch.tensor(rng.gamma(0.3, size=(2, 4, 300)), dtype=torch.float32)]
+    cases = [(s, r, scores) for s in ("global", "adaptive") for r in (0.3, 0.7) for scores in inputs]
+
+    def run():
+        return ([allocate(s, 6, 300, r, scores=sc, sensitivity=view, protected=(0,), min_tokens=20).tokens
+                 for s, r, sc in cases], [head_split(x, 70, 20).tolist() for x in layers])
+
+    host = run()
+    assert host[0] == [_ref_allocate(s, 6, 300, r, sc, (0,), view=view) for s, r, sc in cases]
+    monkeypatch.setattr(adaptive, "HOST_DEVICES", ())
+    assert run() == host

@@ -15,6 +15,12 @@ many sharply attended ones. Two allocators do that here, both exact in the globa
 Scores are compared as they come (``normalise="none"``; attention-based scorers give probabilities, on one
 scale across layers) or after dividing each layer by its mean score (``normalise="mean"``), which suits
 scorers whose scale drifts with depth.
+
+Cost. The allocators run once per input, on scores that live on the model's device, so the work stays
+there and is vectorised: one batched sort of every layer's scores, one selection of the budget's threshold
+(the need-th best unit) over all layers' curves at once, and a single transfer of two small count vectors
+to the host, where the ties at the threshold are filled in the fixed order of ``select_top``. The budgets
+are those of the pointwise definition above (``select_top`` over the same curves), bit for bit.
 """
 
 from __future__ import annotations
@@ -23,20 +29,136 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
-from depthkv.allocation.apportion import select_top
+from depthkv.allocation.apportion import _fill_ties
 from depthkv.allocation.budgets import BudgetError, Budgets
 from depthkv.allocation.optimal import allocate_optimal
 from depthkv.allocation.registry import AllocationRequest, AllocatorError, register_allocator
 from depthkv.allocation.sensitivity import SensitivityView
 
 NORMALISE = ("none", "mean")
+HOST_DEVICES = ("cpu",)  # device types whose sort and selection run the host algorithms (numpy, kthvalue)
 
 
-def _as_array(s: Any) -> np.ndarray:
-    if hasattr(s, "detach"):  # a torch tensor, on any device
-        s = s.detach().float().cpu().numpy()
-    return np.asarray(s, dtype=np.float64)
+def _work_device(scores: Sequence[Any]) -> torch.device:
+    """Where the curves are computed: the first torch score's device (CPU for numpy input and for MPS,
+    which has no float64)."""
+    for s in scores:
+        if isinstance(s, torch.Tensor):
+            return torch.device("cpu") if s.device.type == "mps" else s.device
+    return torch.device("cpu")
+
+
+def _as_rows(s: Any, device: torch.device) -> torch.Tensor:
+    """One layer's scores as ``[batch * kv_heads, N]`` on ``device``: torch scores (the engine's, float32 or
+    lower) in float32, arrays in float64 (the precision each is compared at)."""
+    if isinstance(s, torch.Tensor):
+        t = s.detach().to(device=device).float()
+    else:
+        t = torch.as_tensor(np.asarray(s, dtype=np.float64), device=device)
+    return t.reshape(-1, t.shape[-1])
+
+
+def _inf_for_nonfinite(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with every non-finite score (protected tokens, NaN) set to +inf: they rank first."""
+    return x.nan_to_num(nan=torch.inf, posinf=torch.inf, neginf=torch.inf)
+
+
+def _finite_range(y: torch.Tensor, dims: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(largest, smallest) finite value of ``y`` (non-finite already +inf) over ``dims`` (kept as size 1;
+    default: all, 0-d), as float64 device tensors: 0 and 0 where no value is finite."""
+    dims = tuple(range(y.dim())) if dims is None else dims
+    keep = len(dims) < y.dim()
+    low = y.amin(dim=dims, keepdim=keep)
+    top = y.masked_fill(y == torch.inf, -torch.inf).amax(dim=dims, keepdim=keep)
+    found = low < torch.inf
+    return torch.where(found, top, 0.0).double(), torch.where(found, low, 0.0).double()
+
+
+def _to_device(a: Sequence[int] | np.ndarray, device: torch.device) -> torch.Tensor:
+    """A small int64 host array on ``device`` without waiting for the device's queue (no host sync)."""
+    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
+    return t if device.type == "cpu" else t.to(device, non_blocking=True)
+
+
+def _kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """``[B, M] -> [B]``: the k-th largest value of each row. On CPU a selection (``kthvalue``, linear time);
+    on an accelerator a sort, as ``kthvalue`` there runs one thread block per row."""
+    if flat.device.type in HOST_DEVICES:
+        return flat.kthvalue(flat.shape[-1] - k + 1, dim=-1).values
+    return flat.sort(dim=-1).values[:, flat.shape[-1] - k]
+
+
+def _sort_ascending(x: torch.Tensor) -> torch.Tensor:
+    """``x`` sorted along its last axis; on CPU by numpy, whose vectorised sort is several times faster."""
+    if x.device.type in HOST_DEVICES:
+        return torch.from_numpy(np.sort(x.numpy(), axis=-1))
+    return x.sort(dim=-1).values
+
+
+def _sorted_head_mean(y: torch.Tensor, top: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """``[..., R, N] -> [..., N]`` float64 from scores ``y`` whose non-finite entries are +inf: those set to
+    ``top + 1``, all shifted by ``-min(low, 0)``, each row sorted descending, the R rows averaged at equal rank.
+
+    The rows are sorted in their own dtype before the (monotone) map to float64, which gives the same sorted
+    values as mapping first. They are summed one after the other and divided by R as a float64 division on
+    the device (not a multiplication by 1/R): exactly the values of a float64 ``mean`` over the rows.
+    """
+    shift = torch.clamp(low, max=0.0)
+    x = _sort_ascending(y).double().sub_(shift)  # +inf (last) stays +inf
+    x = torch.where(x == torch.inf, (top + 1.0) - shift, x)
+    rows = x.shape[-2]
+    c = x[..., 0, :]
+    for r in range(1, rows):
+        c = c + x[..., r, :]
+    c = c / torch.full((), float(rows), dtype=c.dtype, device=c.device)
+    return c.flip(-1)
+
+
+def _mean_normalised(c: torch.Tensor, top: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """Each curve divided by the mean of its finite-score part (1 where that mean is not positive).
+
+    The means are taken on the host with numpy's float64 summation, the reference definition of the curves.
+    """
+    top_f, low_f = float(top), float(low)
+    edge = top_f + 1.0 - min(low_f, 0.0) - 1e-12
+    host = c.cpu().numpy()
+    means = np.ones(host.shape[0])
+    for i, row in enumerate(host):
+        fin = row[row <= edge]
+        if fin.size and fin.mean() > 0:
+            means[i] = float(fin.mean())
+    return torch.from_numpy(host / means[:, None]).to(c.device)
+
+
+def _rank_curves(scores: Sequence[Any], normalise: str = "none",
+                 layers: Sequence[int] | None = None) -> torch.Tensor:
+    """Rank curves ``[len(layers), N]`` (float64, on the scores' device) of ``layers`` (default: all)."""
+    if normalise not in NORMALISE:
+        raise AllocatorError(f"normalise must be one of {NORMALISE}, got {normalise!r}")
+    if len(scores) == 0:
+        raise AllocatorError("rank curves need the scores of at least one layer")
+    device = _work_device(scores)
+    rows = [_as_rows(s, device) for s in scores]
+    if len({r.dtype for r in rows}) > 1:  # arrays and tensors mixed: compare all in float64
+        rows = [r.double() for r in rows]
+    chosen = range(len(rows)) if layers is None else [int(i) for i in layers]
+    if len(chosen) == 0:
+        return torch.empty(0, rows[0].shape[-1], dtype=torch.float64, device=device)
+    if len({r.shape for r in rows}) == 1:  # the usual case: one batched sort for all layers
+        y = _inf_for_nonfinite(torch.stack(rows))  # [L, R, N]
+        top, low = _finite_range(y)  # over every layer, protected ones included: one scale for all
+        if len(chosen) != len(rows):
+            y = y.index_select(0, _to_device(list(chosen), device))
+        c = _sorted_head_mean(y, top, low)
+    else:  # layers with different numbers of heads
+        ys = [_inf_for_nonfinite(r) for r in rows]
+        top, low = _finite_range(torch.cat([y.flatten() for y in ys]))
+        c = torch.stack([_sorted_head_mean(ys[i], top, low) for i in chosen])
+    if normalise == "mean":
+        c = _mean_normalised(c, top, low)
+    return torch.cummin(c, dim=-1).values  # guard against float noise: exactly non-increasing
 
 
 def rank_curves(scores: Sequence[Any], normalise: str = "none") -> np.ndarray:
@@ -45,54 +167,58 @@ def rank_curves(scores: Sequence[Any], normalise: str = "none") -> np.ndarray:
     Protected tokens (scored +inf by the engine) and any other non-finite score become the largest finite
     value + 1, so they rank first; the curves are shifted to be >= 0 (ranking is unchanged by a shift).
     """
-    if normalise not in NORMALISE:
-        raise AllocatorError(f"normalise must be one of {NORMALISE}, got {normalise!r}")
-    rows = []
-    for s in scores:
-        a = _as_array(s)
-        a = a.reshape(-1, a.shape[-1])  # [batch * kv_heads, N]
-        rows.append(a)
-    finite = np.concatenate([r[np.isfinite(r)] for r in rows]) if rows else np.zeros(1)
-    top = float(finite.max()) if finite.size else 0.0
-    low = float(finite.min()) if finite.size else 0.0
-    curves = []
-    for a in rows:
-        a = np.where(np.isfinite(a), a, top + 1.0) - min(low, 0.0)
-        c = -np.sort(-a, axis=-1)  # descending per head
-        c = c.mean(axis=0)
-        if normalise == "mean":
-            fin = c[c <= top + 1.0 - min(low, 0.0) - 1e-12]
-            m = float(fin.mean()) if fin.size and fin.mean() > 0 else 1.0
-            c = c / m
-        curves.append(np.minimum.accumulate(c))  # guard against float noise: exactly non-increasing
-    return np.stack(curves)
+    return _rank_curves(scores, normalise).cpu().numpy()
 
 
-class RankPriority:
-    """``select_top`` priorities from rank curves: unit k of layer l is worth ``curves[l, k - 1]``."""
+def take_best(need: int, lo: Sequence[int] | np.ndarray, hi: Sequence[int] | np.ndarray,
+              curves: torch.Tensor | np.ndarray) -> np.ndarray:
+    """``select_top`` for rank-curve priorities, vectorised: ``lo`` plus, per row g of ``curves``, how many of
+    its units k = lo[g]+1 .. hi[g] (worth ``curves[..., g, k - 1]``) are among the ``need`` best of all rows.
 
-    def __init__(self, curves: np.ndarray):
-        self.curves = curves
-        self.neg = -curves  # ascending rows, for searchsorted
+    ``curves`` is ``[G, M]`` or a batch ``[B, G, M]`` of independent problems sharing ``need``, ``lo`` and
+    ``hi`` (result ``[G]`` or ``[B, G]``); rows must be non-increasing, finite and >= 0. The need-th best
+    value of all candidate units is the threshold: every unit above it is taken, then units equal to it in
+    the order (k ascending, row ascending), exactly as ``select_top`` orders them.
+    """
+    t = torch.as_tensor(curves)
+    batched = t.dim() == 3
+    if not batched:
+        t = t[None]
+    lo = np.asarray(lo, dtype=np.int64).reshape(-1)
+    hi = np.asarray(hi, dtype=np.int64).reshape(-1)
+    n_rows, width = t.shape[-2], t.shape[-1]
+    if lo.shape != (n_rows,) or hi.shape != (n_rows,) or np.any(hi < lo) or np.any(lo < 0) or np.any(hi > width):
+        raise BudgetError(f"every one of the {n_rows} rows needs 0 <= lo <= hi <= {width}")
+    total = int((hi - lo).sum())
+    need = int(need)
+    if need < 0 or need > total:
+        raise BudgetError(f"cannot place {need} units: the bounds allow between 0 and {total}")
+    if need in (0, total):
+        out = np.broadcast_to(lo if need == 0 else hi, (t.shape[0], n_rows)).copy()
+        return out if batched else out[0]
+    k = torch.arange(width, device=t.device)
+    cand = (k >= _to_device(lo, t.device)[:, None]) & (k < _to_device(hi, t.device)[:, None])
+    vals = torch.where(cand, t, -1.0)  # non-candidates below every priority (>= 0)
+    theta = _kth_largest(vals.reshape(t.shape[0], -1), need)[:, None, None]
+    counts = torch.stack(((vals > theta).sum(-1), (vals >= theta).sum(-1))).cpu().numpy()  # the one host sync
+    out = np.stack([_fill_ties(need - int(gt.sum()), lo + gt, lo + ge) for gt, ge in zip(counts[0], counts[1])])
+    return out if batched else out[0]
 
-    def __call__(self, layers: np.ndarray, k: np.ndarray) -> np.ndarray:
-        return self.curves[layers, k - 1]
 
-    def count_ge(self, theta: float, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-        n = np.array([np.searchsorted(row, -theta, side="right") for row in self.neg], dtype=np.int64)
-        return np.clip(n, lo, hi)
+def ranked_budgets(request: AllocationRequest, curves: torch.Tensor | np.ndarray, lo: np.ndarray,
+                   strategy: str) -> Budgets:
+    """Budgets with ``lo`` per free layer plus the best-ranked units of all free layers (exact total).
 
-
-def ranked_budgets(request: AllocationRequest, curves: np.ndarray, lo: np.ndarray, strategy: str) -> Budgets:
-    """Budgets with ``lo`` per free layer plus the best-ranked units of all free layers (exact total)."""
-    free = np.asarray(request.free, dtype=np.int64)
+    ``curves``: the free layers' rank curves, in the order of ``request.free``.
+    """
+    free = request.free
     n = request.context_len
-    hi = np.full(free.size, n, dtype=np.int64)
+    hi = np.full(len(free), n, dtype=np.int64)
     lo = np.minimum(np.asarray(lo, dtype=np.int64), hi)
     need = request.rest - int(lo.sum())
     if need < 0:
         raise BudgetError(f"{strategy}: the per-layer floors ({int(lo.sum())} tokens) exceed the budget {request.rest}")
-    picked = select_top(need, lo, hi, RankPriority(curves[free]))
+    picked = take_best(need, lo, hi, curves)
     return request.budgets(picked, strategy)
 
 
@@ -102,7 +228,7 @@ def allocate_global(
 ) -> Budgets:
     """Global: rank the input's token scores across layers (KVzip's split), exact total, floors kept."""
     lo = request.check_feasible("global")
-    curves = rank_curves(scores, normalise)
+    curves = _rank_curves(scores, normalise, request.free)
     return ranked_budgets(request, curves, np.full(len(request.free), lo), "global")
 
 
@@ -121,7 +247,7 @@ def allocate_adaptive(
     lo = request.check_feasible("adaptive")
     static = np.asarray(allocate_optimal(request, sensitivity).tokens, dtype=np.int64)
     floors = np.maximum(lo, np.floor(floor_share * static[list(request.free)]).astype(np.int64))
-    curves = rank_curves(scores, normalise)
+    curves = _rank_curves(scores, normalise, request.free)
     return ranked_budgets(request, curves, floors, "adaptive")
 
 
@@ -130,13 +256,18 @@ def head_split(layer_scores: Any, budget: int, floor: int) -> np.ndarray:
 
     Each head keeps at least ``min(floor, N)``; the rest goes to the best-scored tokens of all heads of the
     layer together (head-level budgets, as AdaKV), so the layer's total stays exactly ``budget * KVH``.
+    Every batch row is its own ranking (its own scale for protected tokens), all rows in one pass.
     """
-    a = _as_array(layer_scores)
-    b, kvh, n = a.shape
-    out = np.zeros((b, kvh), dtype=np.int64)
+    device = _work_device([layer_scores])
+    shape = tuple(layer_scores.shape) if isinstance(layer_scores, torch.Tensor) else np.shape(layer_scores)
+    if len(shape) != 3:
+        raise AllocatorError(f"head_split takes one layer's scores [batch, kv_heads, N], got shape {shape}")
+    b, kvh, n = shape
     lo = np.full(kvh, min(floor, n, budget), dtype=np.int64)
     hi = np.full(kvh, n, dtype=np.int64)
-    for i in range(b):
-        curves = rank_curves([a[i, h][None] for h in range(kvh)])
-        out[i] = select_top(budget * kvh - int(lo.sum()), lo, hi, RankPriority(curves))
-    return out
+    if b == 0:
+        return np.zeros((0, kvh), dtype=np.int64)
+    y = _inf_for_nonfinite(_as_rows(layer_scores, device).reshape(b, kvh, 1, n))  # each head a "layer" of one row
+    top, low = _finite_range(y, (1, 2, 3))  # one scale per batch row
+    curves = torch.cummin(_sorted_head_mean(y, top, low), dim=-1).values  # [B, KVH, N]
+    return take_best(budget * kvh - int(lo.sum()), lo, hi, curves)
