@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
@@ -22,6 +23,10 @@ from depthkv.engine.cache import PrunedLayer
 PREFIX = "depthkv_"
 BASES = ("sdpa", "eager")
 _registered = False
+# SDPA backends depthkv_sdpa allows on CUDA (None: PyTorch's own choice). Layer-dependent budgets give every
+# layer its own key length, and each decode step makes every length new; cuDNN's attention prepares an
+# execution plan per shape, so it is left out (benchmarks/hf_uneven_decode.py measures the difference).
+SDPA_BACKENDS: list | None = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def _base_function(module: torch.nn.Module, base: str):
@@ -141,7 +146,11 @@ def _make(base: str):
         session = getattr(module, "_depthkv_session", None)
         if session is not None:
             attention_mask = session.before_attention(module, query, key, value, attention_mask)
-        return _base_function(module, base)(module, query, key, value, attention_mask, **kwargs)
+        fn = _base_function(module, base)
+        if base == "sdpa" and SDPA_BACKENDS is not None and query.is_cuda:
+            with sdpa_kernel(SDPA_BACKENDS):
+                return fn(module, query, key, value, attention_mask, **kwargs)
+        return fn(module, query, key, value, attention_mask, **kwargs)
 
     attention.__name__ = f"{PREFIX}{base}_attention"
     return attention
