@@ -15,7 +15,7 @@
 # TASKS [needle,multikey,vartrack,docqa], SETTING [agnostic], METHODS (aware: full,uniform,pyramid,optimal,
 # optimal-joint; agnostic: full,uniform,optimal,adaptive,global+heads,adaptive+heads), SCORERS (aware: snapkv;
 # agnostic: kvzip), RATIOS [0.6,0.8,0.9], PROFILE [the step's own profile; "none" for none], CALIB_CTX [4096],
-# CALIB_SAMPLES [64], REFINE [0.8,0.9], LIMIT [540] seconds per step, DEVICE [cuda], DEVICES (e.g. 0,1:
+# CALIB_SAMPLES [64], REFINE [0.8,0.9] ratios refined (REFINE_SAMPLES [16] of the calibration samples), LIMIT [540] seconds per step, DEVICE [cuda], DEVICES (e.g. 0,1:
 # data-parallel over those GPUs), DECODE_BATCH [48] cells decoded together (one fast-path batch per sample).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +28,7 @@ RATIOS=${RATIOS:-0.6,0.8,0.9}
 CALIB_CTX=${CALIB_CTX:-4096}
 CALIB_SAMPLES=${CALIB_SAMPLES:-64}
 REFINE=${REFINE:-0.8,0.9}
+REFINE_SAMPLES=${REFINE_SAMPLES:-16}
 LIMIT=${LIMIT:-540}
 RUNS=${RUNS:-/root/runs}
 DEVICE=${DEVICE:-cuda}
@@ -37,23 +38,32 @@ export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}  # /tmp/site: wheels
 mkdir -p "$RUNS"
 scorer_for() { [ "$1" = aware ] && echo snapkv || echo kvzip; }
 profile_for() { echo "$RUNS/profile_$(scorer_for "$1")_$1.json"; }
+has_refined() { python3 -c "import json, sys; sys.exit(0 if json.load(open(sys.argv[1])).get('refined') else 1)" "$1"; }
 if [ -n "${DEVICES:-}" ]; then devices=(--devices "$DEVICES"); else devices=(--device "$DEVICE"); fi
 step=${1:-}
 case "$step" in
 calibrate)
   setting=${2:?calibrate aware|agnostic}
   out=$(profile_for "$setting")
-  [ -f "$out" ] && { echo "profile exists: $out"; exit 0; }
-  refine=()
-  [ "$setting" = aware ] && [ -n "$REFINE" ] && refine=(--refine-ratios "$REFINE")
-  timeout "$LIMIT" python3 -m depthkv calibrate --model "$MODEL" --device "$DEVICE" --scorer "$(scorer_for "$setting")" \
-    --setting "$setting" --samples "$CALIB_SAMPLES" --context-tokens "$CALIB_CTX" --probe-ratios 0.5,0.8,0.95,1.0 \
-    --no-proxy "${refine[@]}" --out "$out" 2>&1 | tail -n 30 || echo "calibrate failed or stopped at the limit"
+  if [ -f "$out" ]; then
+    echo "profile exists: $out"
+  else
+    timeout "$LIMIT" python3 -m depthkv calibrate --model "$MODEL" --device "$DEVICE" --scorer "$(scorer_for "$setting")" \
+      --setting "$setting" --samples "$CALIB_SAMPLES" --context-tokens "$CALIB_CTX" --probe-ratios 0.5,0.8,0.95,1.0 \
+      --no-proxy --out "$out" 2>&1 | tail -n 30 || echo "calibrate failed or stopped at the limit"
+  fi
+  # aware: refine the optimal budgets on the joint damage of all layers pruned (strategy optimal-joint), in place
+  if [ "$setting" = aware ] && [ -n "$REFINE" ] && [ -f "$out" ] && ! has_refined "$out"; then
+    timeout "$LIMIT" python3 -m depthkv refine --model "$MODEL" --device "$DEVICE" --profile "$out" \
+      --ratios "$REFINE" --samples "$REFINE_SAMPLES" 2>&1 | tail -n 10 || echo "refine failed or stopped at the limit"
+  fi
   ;;
 eval)
   name=${2:?eval NAME}
   if [ "$SETTING" = aware ]; then
-    methods=${METHODS:-full,uniform,pyramid,optimal,optimal-joint}
+    joint=
+    has_refined "$(profile_for aware)" 2>/dev/null && joint=,optimal-joint  # only once refine has run
+    methods=${METHODS:-full,uniform,pyramid,optimal$joint}
   else
     methods=${METHODS:-full,uniform,optimal,adaptive,global+heads,adaptive+heads}
   fi
