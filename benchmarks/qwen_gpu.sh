@@ -82,6 +82,11 @@ kvpress)
   name=${2:-kp}
   if [ ! -d /tmp/kvsite ]; then
     python3 -m pip install -q --no-index --no-deps --target /tmp/kvsite .kvwhl/*.whl
+    # kvpress imports datasets and fire at import time for presses not used here (DuoAttention, its CLI); the
+    # GPU machine has neither: stand-ins that fail only if those presses are used
+    for m in datasets fire; do mkdir -p /tmp/kvsite/$m; done
+    echo 'def load_dataset(*a, **k): raise ImportError("datasets is not installed")' > /tmp/kvsite/datasets/__init__.py
+    echo 'def Fire(*a, **k): raise ImportError("fire is not installed")' > /tmp/kvsite/fire/__init__.py
   fi
   PYTHONPATH=/tmp/kvsite:$PYTHONPATH timeout "$LIMIT" python3 benchmarks/kvpress_agnostic.py --model "$MODEL" \
     --device "$DEVICE" --tasks "$TASKS" --samples "$SAMPLES" --context-tokens "$CTX" --ratios "$RATIOS" \

@@ -348,3 +348,18 @@ def test_stacked_caches_need_one_prompt(models, ids):
     b = compress(model, ids[:, :60], (60, 7, 50, 23))
     with pytest.raises(FastDecodeError, match="logical length"):
         fast_generate_caches(model, [a.cache, b.cache], ids, 4, logits=torch.cat([a.logits, b.logits]))
+
+
+@pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_second_gpu_while_the_first_is_current(ids):
+    """The Triton kernel and the CUDA graph run on the cache's device even when another one is current."""
+    from tests.conftest import build_tiny
+
+    model = build_tiny("llama").to("cuda:1")
+    x = ids.to("cuda:1")
+    comp = compress(model, x, (96, 7, 50, 23))
+    ref = dynamic_reference(model, comp, x, 12)
+    with torch.cuda.device(0):
+        out = fast_generate(model, clone_cache(comp.cache), x, 12, logits=comp.logits,
+                            config=FastConfig(attention="triton"))
+    assert torch.equal(out, ref)

@@ -120,7 +120,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: tor
     ml = torch.empty(b * kvh, n_split, gp, 2, device=q.device, dtype=torch.float32)
     out = torch.empty_like(q)
     ieee = q.dtype == torch.float32
-    _partial[(b * kvh, n_split)](q, k, v, pos, acc, ml, scale, chunk, n_split, kvh, k.stride(0), k.stride(1),
-                                 k.stride(2), G=g, GP=gp, D=d, BN=block_n, IEEE=ieee)
-    _merge[(b * kvh,)](acc, ml, out, n_split, G=g, GP=gp, D=d)
+    with torch.cuda.device(q.device):  # Triton launches on the current device: make it the tensors' one
+        _partial[(b * kvh, n_split)](q, k, v, pos, acc, ml, scale, chunk, n_split, kvh, k.stride(0), k.stride(1),
+                                     k.stride(2), G=g, GP=gp, D=d, BN=block_n, IEEE=ieee)
+        _merge[(b * kvh,)](acc, ml, out, n_split, G=g, GP=gp, D=d)
     return out

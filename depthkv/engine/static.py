@@ -468,6 +468,13 @@ class FastDecoder:
         return new
 
     def _one(self) -> None:
+        if self.cuda:  # kernels, streams and the graph belong to the cache's device, not the current one
+            with torch.cuda.device(self.cache.device):
+                self._step_once()
+        else:
+            self._step_once()
+
+    def _step_once(self) -> None:
         use_graph = self.cuda and self.config.cuda_graph
         if use_graph and self.graph is None and self.steps_done >= self.config.warmup_steps:
             self.capture()
