@@ -15,6 +15,7 @@ from depthkv.calibration.stats import (
     paired_diff_ci,
     permutation_test,
     spearman,
+    stratified_bootstrap_ci,
 )
 
 # ---------------------------------------------------------------- permutation test
@@ -217,3 +218,54 @@ def test_spearman_constant_and_nan_are_safe():
         assert np.isnan(spearman([1, 2, np.inf], [3, 5, 6], min_pairs=3)).all()  # inf dropped: 2 pairs < 3
     with pytest.raises(ValueError, match="same length"):
         spearman([1, 2], [1, 2, 3])
+
+
+# ---------------------------------------------------------------- stratified bootstrap
+
+
+def _mean_of_means(*groups, axis=-1):
+    return sum(g.mean(axis=axis) for g in groups) / len(groups)
+
+
+def test_stratified_one_group_is_the_plain_bootstrap():
+    x = np.random.default_rng(3).normal(size=30)
+    a = stratified_bootstrap_ci([x], _mean_of_means, n_boot=500, seed=1)
+    b = bootstrap_ci(x, n_boot=500, seed=1)
+    assert a.estimate == pytest.approx(b.estimate)
+    assert (a.low, a.high) == pytest.approx((b.low, b.high))
+
+
+def test_stratified_keeps_each_group_size_and_pairing():
+    # 3 zeros and 5 ones: the pooled mean moves when samples are drawn across groups, never within them
+    pooled = stratified_bootstrap_ci([np.zeros(3), np.ones(5)],
+                                     lambda a, b, axis=-1: (a.sum(axis) + b.sum(axis)) / 8.0, n_boot=200)
+    assert pooled.estimate == pooled.low == pooled.high == pytest.approx(5 / 8)
+    # rows of a [2, n] group travel together: a ratio of equal rows is always 1
+    x = np.random.default_rng(0).uniform(0.5, 1.0, size=20)
+    ratio = stratified_bootstrap_ci([np.stack([x, x])], lambda g, axis=-1: g[0].mean(axis) / g[1].mean(axis))
+    assert ratio.low == pytest.approx(1.0) and ratio.high == pytest.approx(1.0)
+
+
+def test_stratified_fixed_group_and_nonfinite_resamples():
+    x = np.random.default_rng(5).normal(size=25)
+    with_fixed = stratified_bootstrap_ci([np.array([4.0]), x], lambda c, g, axis=-1: c.mean(axis) + g.mean(axis))
+    alone = stratified_bootstrap_ci([x], _mean_of_means)
+    assert with_fixed.estimate == pytest.approx(4.0 + x.mean())
+    assert (with_fixed.low, with_fixed.high) == pytest.approx((4.0 + alone.low, 4.0 + alone.high))
+    assert stratified_bootstrap_ci([np.array([2.0]), np.array([3.0])], _mean_of_means) == (2.5, 2.5, 2.5)
+    # a denominator that is 0 in most samples: resamples with no non-zero one are left out
+    g = np.array([[1.0, 1.0, 1.0, 1.0], [2.0, 0.0, 0.0, 0.0]])
+    ci = stratified_bootstrap_ci([g], lambda g, axis=-1: g[0].mean(axis) / g[1].mean(axis), n_boot=300)
+    assert ci.estimate == pytest.approx(2.0)
+    assert np.isfinite([ci.low, ci.high]).all() and 0.5 <= ci.low <= ci.high <= 2.0
+
+
+def test_stratified_input_errors():
+    with pytest.raises(ValueError, match="at least one group"):
+        stratified_bootstrap_ci([], _mean_of_means)
+    with pytest.raises(ValueError, match="no samples"):
+        stratified_bootstrap_ci([np.ones(3), np.ones(0)], _mean_of_means)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        stratified_bootstrap_ci([np.array([1.0, np.nan])], _mean_of_means)
+    with pytest.raises(ValueError, match="level"):
+        stratified_bootstrap_ci([np.ones(3)], _mean_of_means, level=1.0)

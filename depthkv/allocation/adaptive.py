@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from depthkv.allocation.apportion import _fill_ties
+from depthkv.allocation.apportion import fill_ties
 from depthkv.allocation.budgets import BudgetError, Budgets
 from depthkv.allocation.optimal import allocate_optimal
 from depthkv.allocation.registry import AllocationRequest, AllocatorError, register_allocator
@@ -201,7 +201,7 @@ def take_best(need: int, lo: Sequence[int] | np.ndarray, hi: Sequence[int] | np.
     vals = torch.where(cand, t, -1.0)  # non-candidates below every priority (>= 0)
     theta = _kth_largest(vals.reshape(t.shape[0], -1), need)[:, None, None]
     counts = torch.stack(((vals > theta).sum(-1), (vals >= theta).sum(-1))).cpu().numpy()  # the one host sync
-    out = np.stack([_fill_ties(need - int(gt.sum()), lo + gt, lo + ge) for gt, ge in zip(counts[0], counts[1])])
+    out = np.stack([fill_ties(need - int(gt.sum()), lo + gt, lo + ge) for gt, ge in zip(counts[0], counts[1])])
     return out if batched else out[0]
 
 

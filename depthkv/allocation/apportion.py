@@ -140,10 +140,10 @@ def _select_bisect(need: int, lo: np.ndarray, hi: np.ndarray, priority: Priority
     theta = _unkey(k_lo)  # the priority of the need-th unit
     ge = _count_ge(theta, lo, hi, priority)
     gt = _count_ge(_unkey(k_lo + 1), lo, hi, priority)
-    return _fill_ties(need - int((gt - lo).sum()), gt, ge)
+    return fill_ties(need - int((gt - lo).sum()), gt, ge)
 
 
-def _fill_ties(rem: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def fill_ties(rem: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Take ``rem`` units from the tie ranges (a_l, b_l] in the order (k ascending, layer ascending)."""
 
     def taken(kappa: int) -> int:

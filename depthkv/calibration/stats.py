@@ -4,6 +4,8 @@
   layers of the per-layer mean; layer labels permuted within each sample; p = (b + 1) / (N_perm + 1)).
 - ``bootstrap_ci`` / ``paired_diff_ci``: percentile bootstrap over samples (``scipy.stats.bootstrap``; the
   paper uses 1,000 resamples), optionally NaN-aware.
+- ``stratified_bootstrap_ci``: the same bootstrap with each group (e.g. each task of a suite) resampled on
+  its own, for statistics over several groups such as a suite-mean retention.
 - ``spearman``: a scipy wrapper that returns (nan, nan) instead of warning on constant input.
 
 The one home of these statistics: calibration (curves, proxy metrics) and evaluation (summaries, reports,
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -183,6 +185,61 @@ def paired_diff_ci(
     if a.shape != b.shape:
         raise ValueError(f"paired samples need equal shapes, got {a.shape} and {b.shape}")
     return bootstrap_ci(a - b, n_boot=n_boot, level=level, seed=seed, stat=np.mean, axis=axis)
+
+
+def stratified_bootstrap_ci(
+    groups: Sequence[np.ndarray],
+    stat: Callable[..., np.ndarray],
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int | None = 0,
+) -> CI:
+    """Percentile bootstrap CI of ``stat(*groups, axis=-1)``, each group resampled independently (stratified).
+
+    A group's samples lie along its last axis; leading axes travel with their sample, so a group of shape
+    [2, n] (a method's and the full cache's score on n sample ids) stays paired. Every resample draws each
+    group's n samples with replacement from that group alone (``scipy.stats.bootstrap``, ``paired=False``),
+    so each group keeps its size: a suite mean over tasks resamples the samples within each task. ``stat``
+    must reduce over ``axis=-1`` and accept extra batch axes before it. A group of one sample is the same in
+    every resample. Resamples whose statistic is not finite (a ratio whose denominator resampled to 0) are
+    left out of the quantiles; the bounds are NaN when every one is.
+    """
+    arrays = [np.asarray(g, dtype=np.float64) for g in groups]
+    if not arrays:
+        raise ValueError("stratified_bootstrap_ci needs at least one group")
+    for i, a in enumerate(arrays):
+        if a.ndim == 0 or a.shape[-1] < 1:
+            raise ValueError(f"group {i} has no samples along its last axis (shape {a.shape})")
+        _check_finite(a, f"group {i}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    if int(n_boot) < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    varying = [i for i, a in enumerate(arrays) if a.shape[-1] > 1]
+    fixed = [np.expand_dims(a, -2) for a in arrays]  # a batch axis of 1 for groups that never change
+
+    def resampled_stat(*samples: np.ndarray, axis: int = -1) -> np.ndarray:
+        parts = list(fixed)
+        for i, s in zip(varying, samples):
+            parts[i] = s
+        return stat(*parts, axis=axis)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # 0/0 resamples, scipy's degenerate-data warning
+        estimate = np.asarray(stat(*arrays, axis=-1))
+        if not varying:
+            return CI(_scalar_or_array(estimate), _scalar_or_array(estimate), _scalar_or_array(estimate))
+        size = sum(arrays[i].size for i in varying)
+        res = _st.bootstrap(
+            tuple(arrays[i] for i in varying), resampled_stat, n_resamples=int(n_boot), vectorized=True,
+            paired=False, axis=-1, batch=max(1, _CHUNK_ELEMENTS // size), confidence_level=level,
+            method="percentile", rng=np.random.default_rng(seed),
+        )
+        dist = np.asarray(res.bootstrap_distribution, dtype=np.float64)
+        dist = np.where(np.isfinite(dist), dist, np.nan)
+        alpha = (1.0 - level) / 2.0
+        low, high = np.nanquantile(dist, [alpha, 1.0 - alpha], axis=-1)
+    return CI(_scalar_or_array(estimate), _scalar_or_array(low), _scalar_or_array(high))
 
 
 def _paired_finite(x, y) -> tuple[np.ndarray, np.ndarray]:
