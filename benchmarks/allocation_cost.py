@@ -9,8 +9,9 @@ does), without any model:
 * ``global``: ``BudgetSpec(ratio, "global").for_context(L, N, scores)``;
 * ``adaptive``: the same with ``"adaptive"`` and a calibration profile (the committed SmolLM2 profile,
   interpolated over relative depth to L layers: a stand-in, the cost does not depend on its values);
-* ``global+heads``: ``global`` plus the per-KV-head split of every layer's budget (``head_split``), which
-  ``prune(..., head_budgets=True)`` runs once per layer.
+* ``global+heads``: ``global`` plus the per-KV-head split of every layer's budget, all layers in one
+  ``head_split_layers`` call as ``prune(..., head_budgets=True)`` makes it (a depthkv without it: one
+  ``head_split`` per layer, as it pruned then).
 
 Each row is the median over ``--repeats`` calls after one warm-up call; on CUDA the device is synchronised
 before and after each call. Every row also records a short hash of the budgets it produced, and
@@ -98,13 +99,15 @@ def budget_hash(values) -> str:
 
 def one_call(strategy: str, spec_of, n_layers: int, n: int, scores) -> list:
     """One allocation as the engine runs it; returns what it decided (plain ints), for the hash."""
-    from depthkv.allocation import head_split
+    import depthkv.allocation as allocation
 
     budgets = spec_of[strategy.split("+")[0]].for_context(n_layers, n, scores)
     if strategy != "global+heads":
         return list(budgets.tokens)
     floor = min(n, N_SINK + N_RECENT)
-    return [head_split(s, b, floor).tolist() for s, b in zip(scores, budgets.tokens)]
+    if hasattr(allocation, "head_split_layers"):
+        return [c.tolist() for c in allocation.head_split_layers(scores, budgets.tokens, floor)]
+    return [allocation.head_split(s, b, floor).tolist() for s, b in zip(scores, budgets.tokens)]
 
 
 def time_calls(fn, repeats: int, device: str) -> tuple[list[float], list]:

@@ -17,13 +17,15 @@ from depthkv.allocation import (
     allocate,
     global_budget,
     head_split,
+    head_split_layers,
     rank_curves,
     select_top,
 )
 from depthkv.allocation.adaptive import take_best
 from depthkv.allocation.optimal import allocate_optimal
 from depthkv.allocation.registry import make_request
-from depthkv.engine import Plan, Protection, Session, clone_cache, score_prefill
+from depthkv.engine import Plan, Protection, Session, clone_cache, prune_layer, score_prefill
+from depthkv.engine import session as engine_session
 from depthkv.engine.cache import kv_bytes, kv_bytes_ragged
 from depthkv.engine.runner import forward_with_cache
 
@@ -315,3 +317,164 @@ def test_accelerator_code_path_gives_the_same_budgets(monkeypatch):
     assert host[0] == [_ref_allocate(s, 6, 300, r, sc, (0,), view=view) for s, r, sc in cases]
     monkeypatch.setattr(adaptive, "HOST_DEVICES", ())
     assert run() == host
+
+
+# ---------------------------------------------------------------- per-head budgets of many layers in one pass
+
+
+def _sorted_head_split(layer_scores, budget, floor):
+    """The per-layer head split as it was computed before the batched pass: every head's mapped scores
+    sorted into a rank curve, then ``take_best`` over the curves (an independent route to the same budgets)."""
+    shape = tuple(np.shape(layer_scores))
+    b, kvh, n = shape
+    lo = np.full(kvh, min(floor, n, budget), dtype=np.int64)
+    if b == 0:
+        return np.zeros((0, kvh), dtype=np.int64)
+    device = adaptive._work_device([layer_scores])
+    y = adaptive._inf_for_nonfinite(adaptive._as_rows(layer_scores, device).reshape(b, kvh, 1, n))
+    top, low = adaptive._finite_range(y, (1, 2, 3))
+    curves = torch.cummin(adaptive._sorted_head_mean(y, top, low), dim=-1).values
+    return take_best(budget * kvh - int(lo.sum()), lo, np.full(kvh, n), curves)
+
+
+def _ref_head_split(layer_scores, budget, floor):
+    """The pointwise definition: per batch row, ``select_top`` over each head's rank curve."""
+    s = layer_scores.float().numpy() if isinstance(layer_scores, torch.Tensor) else np.asarray(layer_scores)
+    _, kvh, n = s.shape
+    lo = np.full(kvh, min(floor, n, budget))
+    return np.stack([_ref_select(budget * kvh - int(lo.sum()), lo, np.full(kvh, n),
+                                 _ref_curves([row[h][None] for h in range(kvh)])) for row in s])
+
+
+def _layer_problems(rng, n_layers, kvh, batch, lengths, levels, kinds):
+    """Layers of the given lengths (repeats share one batched step): ties, protected +inf, NaN, -inf,
+    negative values, near-equal values that the float64 shift merges, whole layers of +inf."""
+    scores, budgets, floors = [], [], []
+    for i in range(n_layers):
+        n = int(lengths[i % len(lengths)])
+        s = np.concatenate(_tied_scores(rng, batch, kvh, n, levels, "numpy"))
+        if rng.random() < 0.2:
+            s[..., rng.integers(0, n)] = -np.inf
+        if rng.random() < 0.2:  # distinct scores made equal by the shift to >= 0: ties made by the map itself
+            s = 1e-20 * s
+            s[:, 0, -1] = -1.0
+        if rng.random() < 0.1:
+            s[rng.integers(0, batch)] = np.inf
+        kind = kinds[i % len(kinds)]
+        scores.append(s if kind == "numpy" else torch.tensor(s, dtype=getattr(torch, kind)))
+        floor = int(rng.integers(0, 25))
+        budget = int(rng.choice([rng.integers(0, n + 1), min(floor, n), n]))  # at the floor, at N, anywhere
+        budgets.append(budget)
+        floors.append(floor)
+    return scores, budgets, floors
+
+
+@EXACT
+@given(st.integers(1, 6), st.integers(1, 4), st.integers(1, 3),
+       st.lists(st.integers(1, 90), min_size=1, max_size=3), st.sampled_from([2, 5, 1000]),
+       st.lists(st.sampled_from(["numpy", "float32", "bfloat16"]), min_size=1, max_size=3), st.integers(0, 10_000))
+def test_head_split_layers_equals_head_split_per_layer(n_layers, kvh, batch, lengths, levels, kinds, seed):
+    """Bit for bit the per-layer split (before and now) and the pointwise definition, whatever the mix of
+    lengths, dtypes, ties, protected tokens, NaN, floors and budgets at the floor or at N."""
+    scores, budgets, floors = _layer_problems(np.random.default_rng(seed), n_layers, kvh, batch, lengths, levels,
+                                              kinds)
+    got = head_split_layers(scores, budgets, floors)
+    assert len(got) == n_layers
+    for s, b, f, g in zip(scores, budgets, floors, got):
+        want = _sorted_head_split(s, b, f)
+        np.testing.assert_array_equal(g, want)
+        np.testing.assert_array_equal(head_split(s, b, f), want)
+        np.testing.assert_array_equal(g, _ref_head_split(s, b, f))
+        assert g.dtype == np.int64 and g.shape == (batch, kvh)
+        assert (g.sum(-1) == b * kvh).all() and (g >= min(f, s.shape[-1], b)).all()
+
+
+@pytest.mark.parametrize("step", [1 << 24, 50])
+def test_head_split_layers_on_the_accelerator_path_and_in_steps(monkeypatch, step):
+    """The device route (stacked rows, one sort for the thresholds, steps of ``HEAD_SPLIT_STEP`` entries)
+    gives the host's counts, bit for bit."""
+    rng = np.random.default_rng(5)
+    problems = [_layer_problems(rng, 7, kvh, batch, (64, 64, 17), levels, ("float32", "numpy", "bfloat16"))
+                for kvh, batch, levels in ((2, 1, 3), (4, 2, 1000), (1, 3, 2))]
+    host = [head_split_layers(*p) for p in problems]
+    monkeypatch.setattr(adaptive, "HOST_DEVICES", ())
+    monkeypatch.setattr(adaptive, "HEAD_SPLIT_STEP", step)
+    for p, want in zip(problems, host):
+        for g, w in zip(head_split_layers(*p), want):
+            np.testing.assert_array_equal(g, w)
+
+
+def test_head_split_layers_moves_counts_to_the_host_once(monkeypatch):
+    """On the device route all layers' counts, of every length, come back in a single transfer."""
+    rng = np.random.default_rng(2)
+    scores = [torch.tensor(rng.gamma(0.3, size=(1, 2, n)), dtype=torch.float32) for n in (80, 80, 50, 80, 50)]
+    monkeypatch.setattr(adaptive, "HOST_DEVICES", ())
+    calls = []
+    real_cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda t, *a, **k: calls.append(t.shape) or real_cpu(t, *a, **k))
+    got = head_split_layers(scores, [30, 40, 25, 60, 20], 20)
+    assert len(calls) == 1
+    monkeypatch.undo()
+    assert [g.tolist() for g in got] == [head_split(s, b, 20).tolist() for s, b in zip(scores, [30, 40, 25, 60, 20])]
+
+
+def test_head_split_layers_rejects_bad_input():
+    s = np.ones((1, 2, 30))
+    with pytest.raises(AllocatorError, match=r"\[batch, kv_heads, N\], got shape \(2, 30\) \(entry 1\)"):
+        head_split_layers([s, s[0]], [10, 10], 5)
+    with pytest.raises(AllocatorError, match="one budget per entry"):
+        head_split_layers([s, s], [10], 5)
+    with pytest.raises(AllocatorError, match="one floor"):
+        head_split_layers([s, s], [10, 10], [5, 5, 5])
+    with pytest.raises(BudgetError, match="cannot place"):
+        head_split_layers([s], [31], 5)
+    with pytest.raises(BudgetError, match=">= 0"):
+        head_split_layers([s], [-1], 5)
+    assert head_split_layers([], [], 5) == []
+    assert head_split_layers([np.ones((0, 3, 30))], [10], 5)[0].shape == (0, 3)
+
+
+def _kept(cache):
+    return [(layer.kept_pos.tolist(), None if layer.valid is None else layer.valid.tolist()) for layer in cache.layers]
+
+
+def _heads_differ(cache) -> bool:
+    """Whether some sequence of some layer keeps different numbers of tokens in its KV heads."""
+    kept = [layer.valid.sum(-1) for layer in cache.layers if layer.valid is not None]
+    return any(bool((k != k[:, :1]).any()) for k in kept)
+
+
+def test_scored_prefill_head_budgets_equal_pruning_layer_by_layer(tiny_models):
+    """``prune(..., head_budgets=True)`` splits all layers in one pass: the same kept tokens as splitting
+    each layer on its own, for a left-padded batch whose sequences each keep their own budgets."""
+    model = tiny_models("qwen2")
+    gen = torch.Generator().manual_seed(4)
+    seqs = [torch.randint(5, 250, (1, n), generator=gen) for n in (70, 90, 55)]
+    ids = torch.zeros(3, 90, dtype=torch.long)
+    mask = torch.zeros(3, 90, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, 90 - s.shape[1]:], mask[i, 90 - s.shape[1]:] = s[0], 1
+    sp = score_prefill(model, ids, [depthkv.scorers.get_scorer("knorm")], Protection(), attention_mask=mask)
+    budgets = depthkv.allocation.uniform(4, 90, 0.6, min_tokens=20)
+    got = sp.prune("knorm", budgets, head_budgets=True)
+    per_sequence = [budgets.for_context(n) for n in sp.lengths]
+    want = [prune_layer(layer, s, [b.tokens[i] for b in per_sequence], sp.protection, head_budgets=True,
+                        n_pad=sp.n_pad)[0] for i, (layer, s) in enumerate(zip(sp.cache.layers, sp.scores["knorm"]))]
+    assert _kept(got) == [(w.kept_pos.tolist(), None if w.valid is None else w.valid.tolist()) for w in want]
+    assert _heads_differ(got)
+
+
+def test_press_head_budgets_split_all_layers_at_once(tiny_models, monkeypatch):
+    """The press prunes after the prefill with one head split for all layers: the same cache as the
+    per-layer split it replaces (forced here by handing ``prune_layer`` no precomputed counts)."""
+    model = tiny_models("llama")
+    ids = _ids(120, seed=3)
+    calls = []
+    real = engine_session.layer_head_counts
+    monkeypatch.setattr(engine_session, "layer_head_counts", lambda *a, **k: calls.append(1) or real(*a, **k))
+    batched = depthkv.press(model, "knorm", 0.7, strategy="global", head_budgets=True).compress(ids)
+    assert calls == [1]
+    monkeypatch.setattr(engine_session, "layer_head_counts", lambda layers, *a, **k: [None] * len(layers))
+    per_layer = depthkv.press(model, "knorm", 0.7, strategy="global", head_budgets=True).compress(ids)
+    assert _kept(batched.cache) == _kept(per_layer.cache)
+    assert _heads_differ(batched.cache)

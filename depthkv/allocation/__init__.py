@@ -11,7 +11,7 @@ Every allocator returns Budgets whose sum is exactly round(L * N * (1 - ratio)),
 
 # importing the allocator modules registers them (each imports the registry itself)
 from depthkv.allocation import mlma as _mlma  # noqa: F401
-from depthkv.allocation.adaptive import head_split, rank_curves
+from depthkv.allocation.adaptive import head_split, head_split_layers, rank_curves
 from depthkv.allocation.apportion import apportion, select_top, water_fill
 from depthkv.allocation.budgets import BudgetError, Budgets, global_budget, spread, uniform
 from depthkv.allocation.builder import BudgetPolicy, BudgetSpec, SpecPolicy, policy_needs_scores
@@ -38,6 +38,7 @@ from depthkv.allocation.sensitivity import SensitivityError, SensitivityView
 __all__ = [
     "ALLOCATORS",
     "head_split",
+    "head_split_layers",
     "rank_curves",
     "AllocationRequest",
     "AllocatorError",

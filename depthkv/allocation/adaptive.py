@@ -20,7 +20,8 @@ Cost. The allocators run once per input, on scores that live on the model's devi
 there and is vectorised: one batched sort of every layer's scores, one selection of the budget's threshold
 (the need-th best unit) over all layers' curves at once, and a single transfer of two small count vectors
 to the host, where the ties at the threshold are filled in the fixed order of ``select_top``. The budgets
-are those of the pointwise definition above (``select_top`` over the same curves), bit for bit.
+are those of the pointwise definition above (``select_top`` over the same curves), bit for bit. Per-KV-head
+budgets (``head_split_layers``) split every layer's budget across its heads in one pass the same way.
 """
 
 from __future__ import annotations
@@ -251,23 +252,154 @@ def allocate_adaptive(
     return ranked_budgets(request, curves, floors, "adaptive")
 
 
+HEAD_SPLIT_STEP = 1 << 24  # score entries per batched device step of ``head_split_layers``: bounds its memory
+
+
 def head_split(layer_scores: Any, budget: int, floor: int) -> np.ndarray:
     """Tokens per KV head [B, KVH] for one layer: ``budget * KVH`` per batch row, ranked across heads.
 
     Each head keeps at least ``min(floor, N)``; the rest goes to the best-scored tokens of all heads of the
     layer together (head-level budgets, as AdaKV), so the layer's total stays exactly ``budget * KVH``.
-    Every batch row is its own ranking (its own scale for protected tokens), all rows in one pass.
+    Every batch row is its own ranking (its own scale for protected tokens). Several layers at once:
+    ``head_split_layers``.
     """
-    device = _work_device([layer_scores])
-    shape = tuple(layer_scores.shape) if isinstance(layer_scores, torch.Tensor) else np.shape(layer_scores)
-    if len(shape) != 3:
-        raise AllocatorError(f"head_split takes one layer's scores [batch, kv_heads, N], got shape {shape}")
-    b, kvh, n = shape
-    lo = np.full(kvh, min(floor, n, budget), dtype=np.int64)
-    hi = np.full(kvh, n, dtype=np.int64)
-    if b == 0:
-        return np.zeros((0, kvh), dtype=np.int64)
-    y = _inf_for_nonfinite(_as_rows(layer_scores, device).reshape(b, kvh, 1, n))  # each head a "layer" of one row
-    top, low = _finite_range(y, (1, 2, 3))  # one scale per batch row
-    curves = torch.cummin(_sorted_head_mean(y, top, low), dim=-1).values  # [B, KVH, N]
-    return take_best(budget * kvh - int(lo.sum()), lo, hi, curves)
+    return head_split_layers([layer_scores], [budget], floor)[0]
+
+
+def head_split_layers(scores: Sequence[Any], budgets: Sequence[int],
+                      floor: int | Sequence[int]) -> list[np.ndarray]:
+    """``[head_split(s, b, f) for s, b, f in zip(scores, budgets, floors)]``, bit for bit, in one pass.
+
+    Each entry is one layer's (or one sequence's) scores ``[B, KVH, N_i]`` with its own budget and floor
+    (``floor``: one for all entries, or one per entry). On an accelerator, the entries that share N, head
+    count and dtype are stacked and solved together in a few batched steps, and the counts of all entries
+    reach the host in one transfer: pruning L layers with per-head budgets waits for the device once, not L
+    times. On the host each batch row is solved on its own (nothing to wait for; the data stays in cache).
+
+    The definition (per batch row): head h's unit k is worth its k-th largest score, mapped as
+    ``rank_curves`` maps scores (non-finite -> largest finite + 1, all shifted to be >= 0). Every head takes
+    its ``lo = min(floor, N, budget)`` best units; the ``need = (budget - lo) * KVH`` best of the remaining
+    units of all heads follow, ties at the threshold taken in the order (k ascending, head ascending) of
+    ``select_top``. That needs only the threshold and, per head, how many of its remaining units lie above
+    it and at it, so nothing is sorted per head: each head's ``lo`` best units are set aside (``topk``), the
+    threshold is the need-th largest of the rest (a selection on the host, one sort on an accelerator).
+    """
+    n_items = len(scores)
+    budgets = [int(b) for b in budgets]
+    try:
+        floors = [int(f) for f in np.broadcast_to(np.asarray(floor, dtype=np.int64), (n_items,))]
+    except ValueError:
+        raise AllocatorError(f"head_split needs one floor, or one per entry ({n_items}), got {floor!r}") from None
+    if len(budgets) != n_items:
+        raise AllocatorError(f"head_split needs one budget per entry: {len(budgets)} budgets for {n_items} entries")
+    out: list[np.ndarray] = [np.zeros((0, 0), dtype=np.int64)] * n_items
+    groups: dict[tuple, list[tuple[int, torch.Tensor, int, int]]] = {}  # (device, dtype, KVH, N) -> entries
+    for i, (s, budget, fl) in enumerate(zip(scores, budgets, floors)):
+        shape = tuple(s.shape) if isinstance(s, torch.Tensor) else np.shape(s)
+        if len(shape) != 3:
+            entry = f" (entry {i})" if n_items > 1 else ""
+            raise AllocatorError(f"head_split takes one layer's scores [batch, kv_heads, N], got shape {shape}{entry}")
+        b, kvh, n = shape
+        lo = min(fl, n, budget)
+        if b == 0:
+            out[i] = np.zeros((0, kvh), dtype=np.int64)
+            continue
+        if lo < 0:
+            raise BudgetError(f"head_split needs a budget and a floor >= 0, got budget {budget} and floor {fl}")
+        need, total = (budget - lo) * kvh, (n - lo) * kvh
+        if need > total:
+            raise BudgetError(f"cannot place {need} units: the bounds allow between 0 and {total}")
+        if need in (0, total):  # nothing to rank
+            out[i] = np.full((b, kvh), lo if need == 0 else n, dtype=np.int64)
+            continue
+        device = _work_device([s])
+        rows = _as_rows(s, device).reshape(b, kvh, n)
+        if device.type in HOST_DEVICES:
+            out[i] = np.stack([_take_units(*_host_counts(row, lo, need), lo, need) for row in rows])
+        else:
+            groups.setdefault((device, rows.dtype, kvh, n), []).append((i, rows, lo, need))
+    if groups:
+        _solve_on_device(groups, out)
+    return out
+
+
+def _take_units(gt: np.ndarray, ge: np.ndarray, lo: int, need: int) -> np.ndarray:
+    """Units per head: ``lo``, those above the threshold, and the ties at it that ``need`` still reaches."""
+    return fill_ties(need - int(gt.sum()), lo + gt, lo + ge)
+
+
+def _mapped(y: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """Scores with non-finite entries +inf -> float64 unit values as ``_sorted_head_mean`` maps them (one
+    scale per slice over ``dims``), element by element: ranking does not need them sorted."""
+    top, low = _finite_range(y, dims)
+    shift = torch.clamp(low, max=0.0)
+    x = y.double().sub_(shift)
+    return torch.where(x == torch.inf, (top + 1.0) - shift, x)
+
+
+def _host_counts(y: torch.Tensor, lo: int, need: int) -> tuple[np.ndarray, np.ndarray]:
+    """One batch row ``[KVH, N]`` on the host -> per head, how many units beyond its ``lo`` best are worth
+    more than, and at least, the need-th best of all those units.
+
+    Without negative finite scores the map to unit values is the identity on finite scores and sends every
+    non-finite one to a single value above them all: +inf in the scores' own dtype ranks the same, so the
+    comparisons run on the scores themselves, without the float64 copy.
+    """
+    x = _inf_for_nonfinite(y)  # a copy: set-aside units are overwritten below
+    if float(x.min()) < 0:
+        x = _mapped(x, (0, 1))
+    if lo > 0:
+        x.scatter_(-1, x.topk(lo, dim=-1, sorted=False).indices, -torch.inf)
+    a = x.numpy()
+    flat = a.reshape(-1)
+    theta = np.partition(flat, flat.size - need)[flat.size - need]  # the need-th largest
+    return np.count_nonzero(a > theta, axis=-1), np.count_nonzero(a >= theta, axis=-1)
+
+
+def _solve_on_device(groups: dict[tuple, list[tuple[int, torch.Tensor, int, int]]], out: list[np.ndarray]) -> None:
+    """``head_split_layers`` on an accelerator: each group's rows stacked (``HEAD_SPLIT_STEP`` entries per
+    step), counted on the device, and all counts brought to the host in one transfer per device."""
+    pending: dict[torch.device, list[torch.Tensor]] = {}  # per device: [2, rows * KVH] counts (> and >=)
+    order: list[tuple] = []  # (device, entry, rows, KVH, lo, need), in the order of the counts
+    for (device, _, kvh, n), entries in groups.items():
+        step = max(1, HEAD_SPLIT_STEP // (kvh * n))  # batch rows per step
+        pieces = [(i, rows[start:start + step], lo, need)
+                  for i, rows, lo, need in entries for start in range(0, rows.shape[0], step)]
+        chunks, size = [[]], 0
+        for piece in pieces:
+            if size + piece[1].shape[0] > step:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(piece)
+            size += piece[1].shape[0]
+        for chunk in chunks:
+            los = np.concatenate([np.full(rows.shape[0], lo) for _, rows, lo, _ in chunk])
+            needs = np.concatenate([np.full(rows.shape[0], need) for _, rows, _, need in chunk])
+            counts = _device_counts(torch.cat([rows for _, rows, _, _ in chunk]), los, needs)
+            pending.setdefault(device, []).append(counts.reshape(2, -1))
+            order.extend((device, i, rows.shape[0], kvh, lo, need) for i, rows, lo, need in chunk)
+    host = {d: torch.cat(c, dim=1).cpu().numpy() for d, c in pending.items()}  # the one transfer per device
+    offset = dict.fromkeys(host, 0)
+    done: dict[int, list[np.ndarray]] = {}
+    for device, i, n_rows, kvh, lo, need in order:
+        counts = host[device][:, offset[device]:offset[device] + n_rows * kvh].reshape(2, n_rows, kvh)
+        offset[device] += n_rows * kvh
+        done.setdefault(i, []).extend(_take_units(gt, ge, lo, need) for gt, ge in zip(counts[0], counts[1]))
+    for i, rows in done.items():
+        out[i] = np.stack(rows)
+
+
+def _device_counts(y: torch.Tensor, lo: np.ndarray, need: np.ndarray) -> torch.Tensor:
+    """``_host_counts`` of R rows at once on the device: ``[R, KVH, N]`` -> ``[2, R, KVH]``, row r with its
+    own ``lo[r]`` and ``need[r]``; the thresholds by one sort of all rows (``kthvalue`` runs one thread block
+    per row on a GPU)."""
+    device = y.device
+    x = _mapped(_inf_for_nonfinite(y), (1, 2))
+    k = int(lo.max())
+    if k > 0:  # set each head's lo[r] best units aside, below every unit
+        best = x.topk(k, dim=-1, sorted=True).indices
+        aside = torch.arange(k, device=device) < _to_device(lo, device)[:, None, None]
+        x.masked_fill_(torch.zeros_like(x, dtype=torch.bool).scatter_(-1, best, aside.expand_as(best)), -torch.inf)
+    flat = x.reshape(x.shape[0], -1)
+    theta = flat.sort(dim=-1).values.gather(-1, _to_device(flat.shape[-1] - need, device)[:, None])[:, :, None]
+    return torch.stack(((x > theta).sum(-1), (x >= theta).sum(-1)))

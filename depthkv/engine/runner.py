@@ -12,7 +12,7 @@ from transformers.cache_utils import DynamicCache
 
 from depthkv.allocation.budgets import Budgets
 from depthkv.engine.cache import clone_cache, kv_bytes
-from depthkv.engine.session import Plan, Protection, Session, prune_layer
+from depthkv.engine.session import Plan, Protection, Session, layer_head_counts, prune_layer
 from depthkv.scorers import Scorer
 
 
@@ -158,9 +158,11 @@ class ScoredPrefill:
             b.check_length(len(self.cache.layers))
             self.protection.check_context(n)
         out = DynamicCache()
+        counts = (layer_head_counts(self.cache.layers, self.scores[name], per_sequence, self.protection, self.n_pad)
+                  if head_budgets else [None] * len(self.cache.layers))
         out.layers = [
             prune_layer(layer, s, [b.tokens[i] for b in per_sequence], self.protection, head_budgets=head_budgets,
-                        n_pad=self.n_pad)[0]
+                        n_pad=self.n_pad, head_counts=counts[i])[0]
             for i, (layer, s) in enumerate(zip(self.cache.layers, self.scores[name]))
         ]
         return out

@@ -29,6 +29,7 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -258,10 +259,12 @@ class Session:
         per_sequence = self.sequence_budgets(n, scores=gather_head_scores(slot, self.tp_group) if gather else slot)
         budgets = per_sequence[0]
         self.peak_kv_bytes = max(self.peak_kv_bytes, kv_bytes(cache))
+        counts = (layer_head_counts(cache.layers, slot, per_sequence, self.plan.protection, self.n_pad)
+                  if self.plan.head_budgets else [None] * len(cache.layers))
         for idx, layer in enumerate(cache.layers):
             cache.layers[idx], keep = prune_layer(layer, slot[idx], [b.tokens[idx] for b in per_sequence],
                                                   self.plan.protection, head_budgets=self.plan.head_budgets,
-                                                  n_pad=self.n_pad)
+                                                  n_pad=self.n_pad, head_counts=counts[idx])
             # chunked prefills score the kept tokens again with the next chunk: carry their scores along
             slot[idx] = slot[idx].gather(-1, keep) if keep_scores else None
         self.kept_kv_bytes = kv_bytes(cache)
@@ -327,20 +330,24 @@ def kept_indices(layer, scores: torch.Tensor, budget: int, protection: Protectio
 
 
 def choose_tokens(scores: torch.Tensor, positions: torch.Tensor, logical_len: int, budget: int,
-                  protection: Protection, head_budgets: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  protection: Protection, head_budgets: bool = False,
+                  counts: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(physical indices [B, KVH, P] to keep, in sequence order; [B, KVH, P] bool of the real ones or None).
 
     Protected tokens (by logical ``positions``) first, then the top scores: ``budget`` per KV head, or with
     ``head_budgets`` ``budget * KV heads`` in all, split across the heads by ranking every head's scores
-    together (AdaKV-style; each head keeps at least the protected window), padding slots last.
+    together (AdaKV-style; each head keeps at least the protected window), padding slots last. ``counts``:
+    that split ([B, KVH] tokens per head) when already computed (``layer_head_counts``).
     """
     protected = protection.apply(scores, positions, logical_len)
     if not head_budgets:
         return select_tokens(protected, budget), None
-    from depthkv.allocation.adaptive import head_split
+    if counts is None:
+        from depthkv.allocation.adaptive import head_split
 
-    counts = torch.as_tensor(head_split(protected, budget, min(logical_len, protection.size)), device=scores.device)
-    width = int(counts.max())
+        counts = head_split(protected, budget, min(logical_len, protection.size))
+    width = int(counts.max())  # on the host: no wait for the device
+    counts = torch.as_tensor(counts, device=scores.device)
     keep = protected.topk(width, dim=-1, sorted=True).indices  # best first, per head
     valid = torch.arange(width, device=scores.device)[None, None, :] < counts[..., None]
     # order each head's kept tokens by sequence position; padding slots (invalid) go last
@@ -350,7 +357,8 @@ def choose_tokens(scores: torch.Tensor, positions: torch.Tensor, logical_len: in
 
 
 def prune_layer(layer, scores: torch.Tensor, budget: int | Sequence[int], protection: Protection, *,
-                head_budgets: bool = False, n_pad: torch.Tensor | Sequence[int] | None = None):
+                head_budgets: bool = False, n_pad: torch.Tensor | Sequence[int] | None = None,
+                head_counts: np.ndarray | None = None):
     """(new PrunedLayer holding the layer's top-``budget`` tokens per KV head, kept physical indices).
 
     ``head_budgets``: the layer keeps ``budget * KV heads`` tokens in all, split across its heads by ranking
@@ -361,23 +369,31 @@ def prune_layer(layer, scores: torch.Tensor, budget: int | Sequence[int], protec
     fresh (unpruned) layer. Each sequence is then pruned on its own tokens as if it were alone: its protected
     window is its first ``n_sink`` real tokens and its last ``n_recent``, padding is never kept, and sequences
     that keep different numbers of tokens are stored ragged through the same ``valid`` mask.
+
+    ``head_counts``: the per-head split ([B, KVH]) when already computed for all layers (``layer_head_counts``).
     """
-    batch = scores.shape[0]
-    budgets = [int(b) for b in budget] if isinstance(budget, Sequence) else [int(budget)] * batch
-    pads = [0] * batch if n_pad is None else [int(p) for p in n_pad]
-    if len(budgets) != batch or len(pads) != batch:
-        raise ValueError(f"{len(budgets)} budgets and {len(pads)} padding counts for a batch of {batch} sequences")
+    budgets, pads = _per_sequence(budget, n_pad, scores.shape[0])
     if any(pads) or len(set(budgets)) > 1:
-        return _prune_sequences(layer, scores, budgets, pads, protection, head_budgets)
+        return _prune_sequences(layer, scores, budgets, pads, protection, head_budgets, head_counts)
     keep, valid = choose_tokens(scores, layer_positions(layer), layer.get_seq_length(), budgets[0], protection,
-                                head_budgets)
+                                head_budgets, head_counts)
     if valid is None:
         return gather_tokens(layer, keep), keep
     return gather_ragged(layer, keep, valid), keep
 
 
+def _per_sequence(budget: int | Sequence[int], n_pad: torch.Tensor | Sequence[int] | None,
+                  batch: int) -> tuple[list[int], list[int]]:
+    """(budget, left padding) of every sequence of a batch, as ``prune_layer`` takes them."""
+    budgets = [int(b) for b in budget] if isinstance(budget, Sequence) else [int(budget)] * batch
+    pads = [0] * batch if n_pad is None else [int(p) for p in n_pad]
+    if len(budgets) != batch or len(pads) != batch:
+        raise ValueError(f"{len(budgets)} budgets and {len(pads)} padding counts for a batch of {batch} sequences")
+    return budgets, pads
+
+
 def _prune_sequences(layer, scores: torch.Tensor, budgets: list[int], pads: list[int], protection: Protection,
-                     head_budgets: bool):
+                     head_budgets: bool, head_counts: np.ndarray | None = None):
     """``prune_layer`` one sequence at a time (see there); filler slots point at a real token, marked invalid."""
     if any(pads) and isinstance(layer, PrunedLayer):
         raise NotImplementedError("a padded batch is pruned once, from its full prefill cache")
@@ -385,13 +401,43 @@ def _prune_sequences(layer, scores: torch.Tensor, budgets: list[int], pads: list
     keeps, valids = [], []
     for b, (budget, p) in enumerate(zip(budgets, pads)):
         keep, valid = choose_tokens(scores[b:b + 1, :, p:], positions[b:b + 1, :, p:] - p, n - p, budget,
-                                    protection, head_budgets)
+                                    protection, head_budgets, None if head_counts is None else head_counts[b:b + 1])
         keeps.append(keep + p)
         valids.append(torch.ones_like(keep, dtype=torch.bool) if valid is None else valid)
     width = max(k.shape[-1] for k in keeps)
     keep = torch.cat([F.pad(k, (0, width - k.shape[-1]), value=p) for k, p in zip(keeps, pads)])
     valid = torch.cat([F.pad(v, (0, width - v.shape[-1]), value=False) for v in valids])
     return gather_ragged(layer, keep, valid), keep
+
+
+def layer_head_counts(layers, scores: Sequence[torch.Tensor], per_sequence: Sequence[Budgets],
+                      protection: Protection, n_pad: torch.Tensor | Sequence[int] | None = None) -> list[np.ndarray]:
+    """Every layer's per-KV-head split ([B, KVH] tokens per head) exactly as ``prune_layer(...,
+    head_budgets=True)`` makes it, from one ``head_split_layers`` call: one wait for the device for the
+    whole model instead of one per layer. ``per_sequence``: the budget vectors as ``prune_layer`` takes them."""
+    from depthkv.allocation.adaptive import head_split_layers
+
+    if len(layers) != len(scores):
+        raise ValueError(f"{len(scores)} layers' scores for a cache of {len(layers)} layers")
+    entries, budgets, floors, owner = [], [], [], []
+    for idx, (layer, s) in enumerate(zip(layers, scores)):
+        layer_budgets, pads = _per_sequence([b.tokens[idx] for b in per_sequence], n_pad, s.shape[0])
+        positions, n = layer_positions(layer), layer.get_seq_length()
+        if any(pads) or len(set(layer_budgets)) > 1:  # each sequence on its own tokens (_prune_sequences)
+            for b, (budget, p) in enumerate(zip(layer_budgets, pads)):
+                entries.append(protection.apply(s[b:b + 1, :, p:], positions[b:b + 1, :, p:] - p, n - p))
+                budgets.append(budget)
+                floors.append(min(n - p, protection.size))
+                owner.append(idx)
+        else:
+            entries.append(protection.apply(s, positions, n))
+            budgets.append(layer_budgets[0])
+            floors.append(min(n, protection.size))
+            owner.append(idx)
+    rows: list[list[np.ndarray]] = [[] for _ in scores]
+    for idx, counts in zip(owner, head_split_layers(entries, budgets, floors)):
+        rows[idx].append(counts)
+    return [np.concatenate(r) for r in rows]
 
 
 def score_sequences(scorer: Scorer, x: ScoreInputs, n_pad: torch.Tensor | None) -> torch.Tensor:
