@@ -790,7 +790,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
                         "cpu,cpu; samples are sharded, rows merged into results.jsonl (or run under torchrun)")
     p.add_argument("--decode", default="auto", choices=["auto", "hf", "fast"],
                    help="hf: model.generate per cell; fast: a sample's cells decoded together as one batch of the "
-                        "fixed-shape fast path (Llama/Qwen2 families); auto: fast on CUDA, hf elsewhere")
+                        "fixed-shape fast path; auto: fast for the families it supports (Llama, Qwen2), else hf")
     p.add_argument("--decode-batch", type=int, default=32, help="cells decoded together with --decode fast")
 
 

@@ -382,3 +382,18 @@ def test_report_transfer_matrix_from_folders_with_different_profiles(tmp_path, l
     _, method, cells = mats[0]
     assert method == "optimal" and sorted({c["task"] for c in cells}) == ["needle", "vartrack"] and len(cells) == 4
     assert all(c["diff_low"] <= c["diff"] <= c["diff_high"] and c["n"] == 2 for c in cells)
+
+
+def test_decoder_choice_follows_the_model_family():
+    """auto -> the fast path for Llama/Qwen2, model.generate for other families; an explicit fast for an
+    unsupported family is refused before any work."""
+    import transformers
+
+    from depthkv.eval.runner import _decoder
+    from tests.conftest import build_tiny
+
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=64))
+    assert _decoder("auto", build_tiny("qwen2")) == "fast" and _decoder("hf", build_tiny("llama")) == "hf"
+    assert _decoder("auto", gpt2) == "hf"
+    with pytest.raises(EvalError, match="--decode fast"):
+        _decoder("fast", gpt2)

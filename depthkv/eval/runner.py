@@ -95,7 +95,7 @@ class EvalConfig:
     # how answers are decoded (neither changes what a cell measures, so neither is part of the run's identity):
     # "hf": model.generate per cell; "fast": a sample's cells decoded together, ``decode_batch`` at a time, as
     # one batch of the fixed-shape fast path (depthkv.engine.static: each row keeps its own per-layer and
-    # per-head lengths); "auto": fast on CUDA for the model families it supports, else hf
+    # per-head lengths); "auto": fast for the model families it supports (Llama, Qwen2), else hf
     decode: str = "auto"
     decode_batch: int = 32
 
@@ -549,8 +549,8 @@ def _set_up(lm, cfg: EvalConfig, out: str | Path, *, force: bool, write_config: 
 
 
 def _decoder(choice: str, model) -> str:
-    """``auto`` -> ``fast`` on CUDA for the model families the fast path supports, else ``hf``; an explicit
-    ``fast`` for a model it does not support is refused before any work."""
+    """``auto`` -> ``fast`` for the model families the fast path supports, else ``hf``; an explicit ``fast`` for
+    a model it does not support is refused before any work."""
     from depthkv.engine.static import FastDecodeError, check_model
 
     if choice == "hf":
@@ -561,7 +561,7 @@ def _decoder(choice: str, model) -> str:
         if choice == "fast":
             raise EvalError(f"--decode fast: {exc}") from None
         return "hf"
-    return "fast" if choice == "fast" or model.device.type == "cuda" else "hf"
+    return "fast"
 
 
 def _load_profile(cfg: EvalConfig, identity: dict[str, Any], sha256: str | None):
