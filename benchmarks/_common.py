@@ -32,6 +32,8 @@ SHAPES = {  # architecture fields of public configs (no weights): random-initial
                              max_position_embeddings=131072, rope_theta=500000.0,
                              rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6),
     # smoke tests of the scripts (the 8B shape's layer and head counts, tiny widths)
     "tiny-32l": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=32,
                      num_attention_heads=8, num_key_value_heads=2, vocab_size=1000, max_position_embeddings=8192),
@@ -66,6 +68,34 @@ def random_ids(model, n: int, device: str):
 
     return torch.randint(0, model.config.vocab_size, (1, n + 1),
                          generator=torch.Generator().manual_seed(n)).to(device)
+
+
+def random_cache(model, n: int, lengths: list[int], seed: int):
+    """A depthkv cache of logical length ``n`` whose layer l physically holds ``lengths[l]`` random tokens
+    (seeded K/V, kept positions spread evenly; an unpruned layer is a plain HF layer)."""
+    import torch
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    from depthkv.engine.cache import PrunedLayer
+
+    cfg = model.config
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kvh = cfg.num_key_value_heads
+    dev, dt = model.device, model.dtype
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    cache = DynamicCache()
+    cache.layers = []
+    for b in lengths:
+        k = torch.randn(1, kvh, b, d, generator=gen, device=dev, dtype=dt)
+        v = torch.randn(1, kvh, b, d, generator=gen, device=dev, dtype=dt)
+        if b == n:  # an unpruned layer: plain HF layer
+            layer = DynamicLayer()
+            layer.update(k, v)
+        else:
+            pos = (torch.arange(b, device=dev) * n // b).to(torch.int32).expand(1, kvh, b).contiguous()
+            layer = PrunedLayer(k, v, pos, prefix_end=n)
+        cache.layers.append(layer)
+    return cache
 
 
 def copy_bandwidth(device: str, gib: float = 4.0, repeats: int = 10) -> float:

@@ -35,11 +35,19 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import DEFAULT_PROFILE, MIN_TOKENS, build_model, copy_bandwidth, depthkv_view, write_results
+from _common import (
+    DEFAULT_PROFILE,
+    MIN_TOKENS,
+    build_model,
+    copy_bandwidth,
+    depthkv_view,
+    random_cache,
+    write_results,
+)
 
 from depthkv.allocation import allocate
 from depthkv.allocation.sensitivity import SensitivityView
-from depthkv.engine.cache import PrunedLayer, clone_cache, kv_bytes
+from depthkv.engine.cache import clone_cache, kv_bytes
 from depthkv.engine.runner import generate_from_cache
 from depthkv.engine.static import FastConfig, FastDecoder, StaticPrunedCache
 
@@ -50,30 +58,6 @@ def budget_vector(kind: str, n_layers: int, n: int, ratio: float, view: Sensitiv
     if kind == "uniform":
         return list(allocate("uniform", n_layers, n, ratio, min_tokens=MIN_TOKENS).tokens)
     return list(allocate("optimal", n_layers, n, ratio, sensitivity=view, min_tokens=MIN_TOKENS).tokens)
-
-
-def random_cache(model, n: int, lengths: list[int], seed: int):
-    """A depthkv cache of logical length ``n`` whose layer l physically holds ``lengths[l]`` random tokens."""
-    from transformers.cache_utils import DynamicCache, DynamicLayer
-
-    cfg = model.config
-    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    kvh = cfg.num_key_value_heads
-    dev, dt = model.device, model.dtype
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    cache = DynamicCache()
-    cache.layers = []
-    for b in lengths:
-        k = torch.randn(1, kvh, b, d, generator=gen, device=dev, dtype=dt)
-        v = torch.randn(1, kvh, b, d, generator=gen, device=dev, dtype=dt)
-        if b == n:  # an unpruned layer: plain HF layer
-            layer = DynamicLayer()
-            layer.update(k, v)
-        else:
-            pos = (torch.arange(b, device=dev) * n // b).to(torch.int32).expand(1, kvh, b).contiguous()
-            layer = PrunedLayer(k, v, pos, prefix_end=n)
-        cache.layers.append(layer)
-    return cache
 
 
 def sync():

@@ -22,39 +22,9 @@ from pathlib import Path
 
 import torch
 import transformers
+from _common import SHAPES, build_model, random_cache
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-SHAPE = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-             num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6)
-
-
-def build(device: str, dtype) -> transformers.LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(**SHAPE, attn_implementation="sdpa")
-    with torch.device(device):
-        return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
-
-
-def pruned_cache(model, n: int, lengths: list[int]):
-    """A cache of PrunedLayers at ``lengths`` (random K/V) for a logical context of ``n`` tokens."""
-    from transformers.cache_utils import DynamicCache
-
-    from depthkv.engine.cache import PrunedLayer
-
-    c = model.config
-    d = c.hidden_size // c.num_attention_heads
-    gen = torch.Generator(device=model.device).manual_seed(0)
-    cache = DynamicCache()
-    cache.layers = []
-    for b in lengths:
-        k = torch.randn(1, c.num_key_value_heads, b, d, generator=gen, device=model.device, dtype=model.dtype)
-        v = torch.randn_like(k)
-        pos = torch.sort(torch.randperm(n, generator=torch.Generator().manual_seed(b))[:b]).values
-        cache.layers.append(PrunedLayer(k, v, pos.to(model.device, torch.int32)[None, None].expand(
-            1, c.num_key_value_heads, b).contiguous(), prefix_end=n))
-    return cache
+SHAPE = "qwen2.5-1.5b"
 
 
 def time_decode(model, n: int, lengths: list[int], steps: int, native: bool) -> float:
@@ -72,7 +42,7 @@ def time_decode(model, n: int, lengths: list[int], steps: int, native: bool) -> 
             if model.device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            generate_from_cache(model, pruned_cache(model, n, lengths), ids, max_new_tokens=k, min_new_tokens=k,
+            generate_from_cache(model, random_cache(model, n, lengths, seed=0), ids, max_new_tokens=k, min_new_tokens=k,
                                 do_sample=False, pad_token_id=0)
             if model.device.type == "cuda":
                 torch.cuda.synchronize()
@@ -93,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
-    model = build(args.device, getattr(torch, args.dtype))
-    n_layers = SHAPE["num_hidden_layers"]
+    model = build_model(f"random:{SHAPE}", args.device, getattr(torch, args.dtype))
+    n_layers = SHAPES[SHAPE]["num_hidden_layers"]
     keep = round(args.context * (1 - args.ratio))
     equal = [keep] * n_layers
     step = max(1, min(8, keep // n_layers))
@@ -109,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
     write_json(args.out, {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
                           "torch": torch.__version__, "transformers": transformers.__version__,
-                          "context": args.context, "ratio": args.ratio, "steps": args.steps, "shape": SHAPE,
+                          "context": args.context, "ratio": args.ratio, "steps": args.steps, "shape": {"name": SHAPE, **SHAPES[SHAPE]},
                           "command": " ".join(sys.argv), "rows": rows})
     return 0
 

@@ -508,7 +508,8 @@ def _finish(new: torch.Tensor, eos: list[int], pad: int | None) -> torch.Tensor:
     return new
 
 
-def _eos_ids(model: nn.Module, kwargs: dict) -> list[int]:
+def eos_ids(model: nn.Module, kwargs: dict) -> list[int]:
+    """The end-of-sequence ids greedy decoding stops at: ``kwargs["eos_token_id"]`` or the model's own."""
     eos = kwargs.get("eos_token_id", model.generation_config.eos_token_id)
     if eos is None:
         return []
@@ -535,7 +536,7 @@ def _decode(model: nn.Module, build, done: int, input_ids: torch.Tensor, n_new: 
         parts.append(dec.run(feed_dec, n_dec).to(input_ids.device))
     new = torch.cat(parts, dim=1)
     pad = kwargs.get("pad_token_id", model.generation_config.pad_token_id)
-    new = _finish(new, _eos_ids(model, kwargs), pad)
+    new = _finish(new, eos_ids(model, kwargs), pad)
     return torch.cat([input_ids, new], dim=1)
 
 

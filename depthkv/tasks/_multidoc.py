@@ -245,6 +245,10 @@ class MultiDoc:
     def sources(self) -> list[str]:
         return [d.source for d in self.docs]
 
+    def meta(self) -> dict[str, object]:
+        """What every multi-document sample records of its documents: count, titles, source files."""
+        return {"n_docs": self.n_docs, "titles": self.titles, "sources": self.sources}
+
     def _header(self, i: int) -> str:
         return HEADER.format(title=self.docs[i].title)
 

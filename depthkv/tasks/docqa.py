@@ -139,9 +139,7 @@ def _make(
                         {"doc": d, "title": docs.titles[d], "value": v}
                         for d, v in zip(fact_docs[1:], values[1:])
                     ],
-                    "n_docs": docs.n_docs,
-                    "titles": docs.titles,
-                    "sources": docs.sources,
+                    **docs.meta(),
                 },
             )
         )

@@ -112,9 +112,7 @@ def _make(
                         {"relation": r, "module": m, "person": p, "city": c, "docs": list(d)}
                         for (r, m, p, c), d in zip(chains[1:], placed[1:])
                     ],
-                    "n_docs": docs.n_docs,
-                    "titles": docs.titles,
-                    "sources": docs.sources,
+                    **docs.meta(),
                 },
             )
         )
