@@ -9,6 +9,8 @@
 #   bash benchmarks/qwen_gpu.sh calibrate agnostic   # KVzip profile, context compressed before the question
 #   SETTING=aware bash benchmarks/qwen_gpu.sh eval NAME   # one grid into $RUNS/NAME (see the variables below)
 #   bash benchmarks/qwen_gpu.sh kvpress NAME         # kvpress 0.5.5 presses on the agnostic samples (.kvwhl/)
+#   bash benchmarks/qwen_gpu.sh dpcheck              # data-parallel eval on 2 GPUs (--devices and torchrun/NCCL)
+#                                                    # against one GPU: the rows must be identical
 #   bash benchmarks/qwen_gpu.sh collect [DIR]        # results, configs, profiles: DIR/runs.tgz (default $OUT)
 #
 # Variables [defaults]: MODEL [qwen2.5-coder-1.5b], CTX [4096] eval context, SAMPLES [40] per task,
@@ -16,7 +18,9 @@
 # optimal-joint; agnostic: full,uniform,optimal,adaptive,global+heads,adaptive+heads), SCORERS (aware: snapkv;
 # agnostic: kvzip), RATIOS [0.6,0.8,0.9], PROFILE [the step's own profile; "none" for none], CALIB_CTX [4096],
 # CALIB_SAMPLES [64], REFINE [0.8,0.9] ratios refined (REFINE_SAMPLES [16] of the calibration samples), LIMIT [540] seconds per step, DEVICE [cuda], DEVICES (e.g. 0,1:
-# data-parallel over those GPUs), DECODE_BATCH [48] cells decoded together (one fast-path batch per sample).
+# data-parallel over those GPUs, one worker process each), TORCHRUN (e.g. 2: the same under torchrun, ranks joined
+# by an NCCL group), DECODE_BATCH [48] cells decoded together (one fast-path batch per sample), NO_PROXY [unset]
+# (set: the profile skips the paper's proxy metrics, which the mga and mlma allocators read).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${MODEL:-qwen2.5-coder-1.5b}
@@ -40,6 +44,10 @@ scorer_for() { [ "$1" = aware ] && echo snapkv || echo kvzip; }
 profile_for() { echo "$RUNS/profile_$(scorer_for "$1")_$1.json"; }
 has_refined() { python3 -c "import json, sys; sys.exit(0 if json.load(open(sys.argv[1])).get('refined') else 1)" "$1"; }
 if [ -n "${DEVICES:-}" ]; then devices=(--devices "$DEVICES"); else devices=(--device "$DEVICE"); fi
+depthkv=(python3 -m depthkv)
+[ -n "${TORCHRUN:-}" ] && depthkv=(python3 -m torch.distributed.run --standalone --nproc-per-node "$TORCHRUN" -m depthkv)
+proxy=()
+[ -n "${NO_PROXY:-}" ] && proxy=(--no-proxy)
 step=${1:-}
 case "$step" in
 calibrate)
@@ -50,7 +58,7 @@ calibrate)
   else
     timeout "$LIMIT" python3 -m depthkv calibrate --model "$MODEL" --device "$DEVICE" --scorer "$(scorer_for "$setting")" \
       --setting "$setting" --samples "$CALIB_SAMPLES" --context-tokens "$CALIB_CTX" --probe-ratios 0.5,0.8,0.95,1.0 \
-      --no-proxy --out "$out" 2>&1 | tail -n 30 || echo "calibrate failed or stopped at the limit"
+      "${proxy[@]}" --out "$out" 2>&1 | tail -n 30 || echo "calibrate failed or stopped at the limit"
   fi
   # aware: refine the optimal budgets on the joint damage of all layers pruned (strategy optimal-joint), in place
   if [ "$setting" = aware ] && [ -n "$REFINE" ] && [ -f "$out" ] && ! has_refined "$out"; then
@@ -73,7 +81,7 @@ eval)
   [ "$profile" != none ] && extra=(--profile "$profile")
   # a profile serves the scorers it was not calibrated with only on purpose: say so in the run's record
   [ "$profile" != none ] && [ "$scorers" != "$(scorer_for "$SETTING")" ] && extra+=(--force-profile)
-  timeout "$LIMIT" python3 -m depthkv eval --model "$MODEL" "${devices[@]}" --tasks "$TASKS" --settings "$SETTING" \
+  timeout "$LIMIT" "${depthkv[@]}" eval --model "$MODEL" "${devices[@]}" --tasks "$TASKS" --settings "$SETTING" \
     --methods "$methods" --scorers "$scorers" --ratios "$RATIOS" --samples "$SAMPLES" --context-tokens "$CTX" \
     --decode-batch "$DECODE_BATCH" "${extra[@]}" --no-progress --out "$RUNS/$name" 2>&1 | tail -n 40 \
     || echo "eval stopped (limit $LIMIT s or error); run again to resume"
@@ -93,14 +101,25 @@ kvpress)
     --presses "${PRESSES:-kvzip,expected_attention,adakv_ea}" --out "$RUNS/$name" 2>&1 | tail -n 30 \
     || echo "kvpress stopped (limit $LIMIT s or error); run again to resume"
   ;;
+dpcheck)
+  # the same small sweep three ways: one GPU, two worker processes (--devices 0,1), two torchrun ranks (NCCL)
+  base=$RUNS/dpcheck
+  grid=(--model "$MODEL" --tasks needle,docqa --settings aware --methods full,uniform,optimal --scorers snapkv
+        --ratios 0.8 --samples 3 --context-tokens "$CTX" --profile "$(profile_for aware)" --no-progress)
+  python3 -m depthkv eval "${grid[@]}" --device cuda:0 --out "$base/one" | tail -n 3
+  python3 -m depthkv eval "${grid[@]}" --devices 0,1 --out "$base/devices" | tail -n 3
+  python3 -m torch.distributed.run --standalone --nproc-per-node 2 -m depthkv eval "${grid[@]}" --device cuda \
+    --out "$base/torchrun" | tail -n 3
+  python3 benchmarks/same_rows.py "$base/one" "$base/devices" "$base/torchrun"
+  ;;
 collect)
   dest=${2:-${OUT:?give a folder or set OUT}}
   mkdir -p "$dest"
   # one archive: the device tool returns few files (results, configs and profiles of every run)
-  (cd "$RUNS" && find . -maxdepth 2 \( -name 'results*.jsonl' -o -name config.json -o -name 'profile_*.json' \) \
+  (cd "$RUNS" && find . -maxdepth 3 \( -name 'results*.jsonl' -o -name config.json -o -name 'profile_*.json' \) \
     -print0 | tar --null -czf "$dest/runs.tgz" -T -)
   ls -la "$dest"
   ;;
 *)
-  echo "usage: $0 calibrate aware|agnostic | eval NAME | kvpress [NAME] | collect [DIR]" >&2; exit 2 ;;
+  echo "usage: $0 calibrate aware|agnostic | eval NAME | kvpress [NAME] | dpcheck | collect [DIR]" >&2; exit 2 ;;
 esac

@@ -7,7 +7,9 @@ same weights with ``--model FOLDER`` (no downloads).
 from __future__ import annotations
 
 import json
+import sys
 import threading
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -22,6 +24,7 @@ FIELDS = ("method", "task", "sample_id", "setting", "scorer", "ratio", "output",
 ARGS = dict(tasks=("needle",), methods=("full", "uniform"), scorers=("snapkv",), ratios=(0.5,), samples=3,
             context_tokens=160, max_new_tokens=2, settings=("aware",))
 
+ROOT = Path(__file__).resolve().parent.parent
 ARGV = ["eval", "--tasks", "needle", "--methods", "full,uniform", "--scorers", "snapkv", "--ratios", "0.5",
         "--samples", "3", "--context-tokens", "160", "--max-new-tokens", "2", "--dtype", "float32", "--no-progress"]
 
@@ -157,3 +160,44 @@ def test_ranks_without_a_process_group_wait_on_files(model_dir, reference, tmp_p
     assert set(results) == {0, 1}
     assert same(results[0].rows) == same(load_rows(out)) == same(reference)
     assert results[0].cells and not shard_files(out)
+
+
+def test_torchrun_with_a_gloo_group_merges_to_the_one_device_rows(model_dir, reference, tmp_path):
+    """``torchrun --nproc-per-node 2 -m depthkv eval``: two real processes joined by a gloo process group (NCCL
+    on GPUs), each evaluating its shard; rank 0 merges after the group's barrier."""
+    import torch.distributed as dist
+
+    from tests.test_tp_bench import _run
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with the gloo backend is not available in this build")
+    out = tmp_path / "torchrun"
+    res = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+                "depthkv", *ARGV, "--model", str(model_dir), "--device", "cpu", "--out", str(out)], 240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert same(load_rows(out)) == same(reference)
+    assert not shard_files(out) and (out / "summary.json").exists()
+
+
+def test_same_rows_script_compares_what_a_run_decides(tmp_path, capsys):
+    """benchmarks/same_rows.py: timings may differ, outputs, scores, budgets and the set of cells may not."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import same_rows
+    finally:
+        sys.path.pop(0)
+    row = dict(task="needle", sample_id="s0", setting="aware", method="uniform", scorer="snapkv", ratio=0.5,
+               output="42", score=1.0, budgets=[3, 3], seconds=1.0)
+
+    def folder(name, *rows):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / RESULTS).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(tmp_path / name)
+
+    a = folder("a", row, {**row, "method": "full", "ratio": 0.0})
+    b = folder("b", {**row, "seconds": 9.0}, {**row, "method": "full", "ratio": 0.0})
+    c = folder("c", {**row, "output": "41", "score": 0.0}, {**row, "method": "full", "ratio": 0.0})
+    d = folder("d", row)
+    assert same_rows.main([a, b]) == 0
+    assert same_rows.main([a, c]) == 1 and "different 1" in capsys.readouterr().out
+    assert same_rows.main([a, b, d]) == 1 and "missing 1" in capsys.readouterr().out
