@@ -503,6 +503,24 @@ def parse_list(text: str, kind, what: str) -> list:
     return list(dict.fromkeys(vals))
 
 
+def parse_kernel(text: str | None, attention: str):
+    """``--kernel`` JSON as a :class:`~depthkv.engine.decode_kernel.KernelConfig` (None when not given)."""
+    import json
+
+    from depthkv.engine.decode_kernel import KernelConfig
+
+    if text is None:
+        return None
+    if attention in ("split", "sdpa"):
+        raise BenchError(f"--kernel configures the Triton attention kernel; --attention {attention} does not use it")
+    try:
+        return KernelConfig.from_dict(json.loads(text))
+    except json.JSONDecodeError as exc:
+        raise BenchError(f"--kernel: not JSON ({exc.msg}): {text!r}") from None
+    except ValueError as exc:
+        raise BenchError(f"--kernel: {exc}") from None
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="random:llama-3.1-8b",
@@ -515,6 +533,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--steps", type=int, default=32, help="fast path: decode steps timed (graph replays)")
     ap.add_argument("--hf-steps", type=int, default=None, help="HF generate: new tokens timed (default --steps)")
     ap.add_argument("--attention", default="auto", help="fast-path attention: auto|triton|split|sdpa")
+    ap.add_argument("--kernel", default=None,
+                    help='Triton attention kernel config as JSON, e.g. \'{"block_n":128,"num_warps":8,"num_stages":3}\' '
+                         "(fields left out keep their defaults; benchmarks/decode_kernel_sweep.py writes the best)")
     ap.add_argument("--memory-gib", type=float, default=None,
                     help="memory to fit into (default: the device's total memory as torch reports it)")
     ap.add_argument("--max-batch", type=int, default=512)
@@ -584,6 +605,7 @@ def device_name(dev: torch.device) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from depthkv.engine.decode_kernel import default_config, get_default_config
     from depthkv.engine.static import FastConfig, FastDecodeError, check_model
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -592,10 +614,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = check_args(a)
         fast_cfg = FastConfig(attention=a.attention)
+        kernel = parse_kernel(a.kernel, a.attention)
         settings = {"model": a.model, "dtype": a.dtype, "device_name": device_name(args.device),
                     "memory_limit_bytes": args.limit, "max_batch": a.max_batch, "steps": a.steps,
                     "hf_steps": args.hf_steps, "attention": a.attention, "block": fast_cfg.block,
-                    "bandwidth_gbs": a.bandwidth_gbs}
+                    "bandwidth_gbs": a.bandwidth_gbs, "kernel": kernel.to_dict() if kernel else None}
         rows, meta_old = load_previous(a.out, settings)
     except (BenchError, FastDecodeError) as exc:
         ap.exit(2, f"{ap.prog}: error: {exc}\n")
@@ -608,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["python", "benchmarks/throughput.py", *argv])
     meta = {**(meta_old or {}), "settings": settings, "date": now, "command": command, **versions(),
             "runs": [*(meta_old or {}).get("runs", []), {"date": now, "command": command}],
-            "bandwidth_gbs": a.bandwidth_gbs,
+            "bandwidth_gbs": a.bandwidth_gbs, "kernel": (kernel or get_default_config()).to_dict(),
             "cache": "seeded random K/V of the per-layer budget shapes, built directly (no prefill)",
             "fast": f"StaticPrunedCache + FastDecoder ({a.attention} attention), {fast_cfg.warmup_steps} eager "
                     f"warm-up steps, then {a.steps} steps timed (CUDA-graph replays on CUDA, eager on CPU)",
@@ -649,16 +672,17 @@ def main(argv: list[str] | None = None) -> int:
                 weight_bytes=sum(p.numel() * p.element_size() for p in model.parameters()))
     bench.say(f"{a.model} on {settings['device_name']}: fitting into {bench.limit / GIB:.2f} GiB, "
               f"{len(todo)} rows to run")
-    for i, s in enumerate(todo, 1):
-        bench.say(f"[{i}/{len(todo)}] N={s.context} ratio={s.ratio} budgets={s.budgets} path={s.path}")
-        t0 = time.perf_counter()
-        row = measure_row(bench, s)
-        row["seconds"] = round(time.perf_counter() - t0, 2)
-        rows.append(row)
-        save(a.out, meta, rows)
-        bench.say(f"    B={row['batch']}: {fmt(row.get('ms_per_step'), '.2f')} ms/step, "
-                  f"{fmt(row.get('tokens_per_s'), '.0f')} tokens/s ({fmt(row.get('fraction_of_bound'), '.2f')} "
-                  f"of the bound), {row['seconds']} s")
+    with default_config(kernel):  # the Triton attention of every fast row (a graph keeps it once captured)
+        for i, s in enumerate(todo, 1):
+            bench.say(f"[{i}/{len(todo)}] N={s.context} ratio={s.ratio} budgets={s.budgets} path={s.path}")
+            t0 = time.perf_counter()
+            row = measure_row(bench, s)
+            row["seconds"] = round(time.perf_counter() - t0, 2)
+            rows.append(row)
+            save(a.out, meta, rows)
+            bench.say(f"    B={row['batch']}: {fmt(row.get('ms_per_step'), '.2f')} ms/step, "
+                      f"{fmt(row.get('tokens_per_s'), '.0f')} tokens/s ({fmt(row.get('fraction_of_bound'), '.2f')} "
+                      f"of the bound), {row['seconds']} s")
     print_table(rows)
     print(f"wrote {a.out / RESULTS_JSON} and {a.out / RESULTS_CSV}", file=sys.stderr)
     return 0

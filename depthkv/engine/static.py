@@ -349,14 +349,11 @@ def attend_sdpa(q, k, v, mask, pos, scale: float, block: int) -> torch.Tensor:
 
 
 def attend_triton(q, k, v, mask, pos, scale: float, block: int) -> torch.Tensor:
-    """Split-KV Triton kernel over each row's and head's valid prefix ``[0, pos]`` (no mask needed)."""
+    """Split-KV Triton kernel over each row's and head's valid prefix ``[0, pos]`` (no mask needed), with the
+    kernel's default :class:`~depthkv.engine.decode_kernel.KernelConfig` (tiling and number of splits)."""
     from depthkv.engine.decode_kernel import decode_attention
 
-    b, kvh, c = k.shape[:3]
-    # enough programs for the GPU's ~132 SMs: ~48 splits per KV head at batch 1, fewer for large batches
-    n_split = max(1, min(48, math.ceil(2048 / (b * kvh))))
-    chunk = max(128, math.ceil(math.ceil(c / n_split) / 64) * 64)
-    return decode_attention(q, k, v, pos, scale, chunk=chunk)
+    return decode_attention(q, k, v, pos, scale)
 
 
 def resolve_attention(name: str, device: torch.device) -> str:
