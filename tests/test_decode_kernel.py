@@ -171,7 +171,10 @@ def all_cases() -> dict[str, dict]:
 def interpreted(tmp_path_factory):
     """Every case run once through the interpreted kernel, and the tiny sweep:
     (inputs, {name: {"out", "grids"}}, the sweep's output folder, its stdout)."""
-    pytest.importorskip("triton", reason="the triton package is not installed: the kernel cannot be interpreted")
+    triton = pytest.importorskip("triton", reason="the triton package is not installed: the kernel cannot be interpreted")
+    if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 8):
+        pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run loops with runtime bounds under numpy 2 "
+                    "(3.8 can): the kernel is tested compiled on the GPU instead")
     tmp = tmp_path_factory.mktemp("interp")
     cases = all_cases()
     torch.save(cases, tmp / "in.pt")

@@ -7,6 +7,7 @@ same weights with ``--model FOLDER`` (no downloads).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 from pathlib import Path
@@ -162,18 +163,28 @@ def test_ranks_without_a_process_group_wait_on_files(model_dir, reference, tmp_p
     assert results[0].cells and not shard_files(out)
 
 
-def test_torchrun_with_a_gloo_group_merges_to_the_one_device_rows(model_dir, reference, tmp_path):
-    """``torchrun --nproc-per-node 2 -m depthkv eval``: two real processes joined by a gloo process group (NCCL
-    on GPUs), each evaluating its shard; rank 0 merges after the group's barrier."""
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_torchrun_with_a_process_group_merges_to_the_one_device_rows(model_dir, reference, tmp_path, device):
+    """``torchrun --nproc-per-node 2 -m depthkv eval``: two real processes joined by a process group (gloo on
+    the CPU; NCCL on two GPUs with ``DEPTHKV_TEST_DEVICE=cuda``), each evaluating its shard; rank 0 merges after
+    the group's barrier. On GPUs the reference is a one-GPU run of the same command."""
     import torch.distributed as dist
 
     from tests.test_tp_bench import _run
 
-    if not (dist.is_available() and dist.is_gloo_available()):
-        pytest.skip("torch.distributed with the gloo backend is not available in this build")
+    if device == "cuda" and (os.environ.get("DEPTHKV_TEST_DEVICE") != "cuda" or torch.cuda.device_count() < 2):
+        pytest.skip("needs DEPTHKV_TEST_DEVICE=cuda and two CUDA devices")
+    if not (dist.is_available() and (dist.is_nccl_available() if device == "cuda" else dist.is_gloo_available())):
+        pytest.skip(f"torch.distributed has no {'NCCL' if device == 'cuda' else 'gloo'} backend in this build")
+    argv = [*ARGV, "--model", str(model_dir)]
+    if device == "cuda":
+        one = tmp_path / "one"
+        res = _run([sys.executable, "-m", "depthkv", *argv, "--device", "cuda:0", "--out", str(one)], 240)
+        assert res.returncode == 0, res.stderr[-3000:]
+        reference = load_rows(one)
     out = tmp_path / "torchrun"
     res = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
-                "depthkv", *ARGV, "--model", str(model_dir), "--device", "cpu", "--out", str(out)], 240)
+                "depthkv", *argv, "--device", device, "--out", str(out)], 240)
     assert res.returncode == 0, res.stderr[-3000:]
     assert same(load_rows(out)) == same(reference)
     assert not shard_files(out) and (out / "summary.json").exists()

@@ -442,7 +442,9 @@ class FastDecoder:
     def capture(self) -> None:
         """Record one step as a CUDA graph (after warm-up steps); later steps replay it."""
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # a capture stream of the cache's device: torch's shared default one belongs to whichever device was
+        # current when the first graph of the process was captured (capturing on it records nothing)
+        with torch.cuda.graph(self.graph, stream=torch.cuda.Stream(device=self.cache.device)):
             self.step()
 
     @torch.no_grad()

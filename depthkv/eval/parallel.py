@@ -277,6 +277,8 @@ class _Group:
         self.active = dist.is_available() and dist.is_initialized()
         if not self.active and dist.is_available() and "MASTER_ADDR" in os.environ:
             cuda = str(device).startswith("cuda")
+            if cuda:  # NCCL collectives (the barrier too) run on the current device: make it this rank's
+                torch.cuda.set_device(torch.device(device))
             dist.init_process_group("nccl" if cuda else "gloo", timeout=BARRIER_TIMEOUT,
                                     device_id=torch.device(device) if cuda else None)
             self.active = self.owned = True
