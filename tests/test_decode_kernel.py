@@ -34,12 +34,16 @@ if str(BENCH) not in sys.path:
 import decode_kernel_sweep as sweep  # noqa: E402
 import throughput as tp  # noqa: E402
 
-# a two-stage sweep small enough for the interpreter: 4 tiles, then the best one at another split target
+# a two-stage sweep small enough for the interpreter: 4 tiles (the default among them), then the best one at
+# the two other split targets
 SWEEP_TINY = ["--device", "cpu", "--shapes", "2x100", "--kv-heads", "2", "--group", "2", "--head-dim", "16",
-              "--dtype", "float32", "--block", "64", "--block-n", "32,64", "--num-warps", "4",
+              "--dtype", "float32", "--block", "64", "--block-n", "64,128", "--num-warps", "4",
               "--num-stages", "1,2", "--target-programs", "4,2048", "--top", "1", "--cpu-reps", "1", "--ragged"]
 
 # ------------------------------------------------------------------------------------------ the split rule
+
+
+UNTUNED = KernelConfig(block_n=64, num_warps=4, num_stages=1, target_programs=2048)  # before the H200 sweep
 
 
 def legacy_split(b: int, kvh: int, c: int) -> tuple[int, int]:
@@ -64,8 +68,14 @@ def test_split_covers_the_buffer_in_whole_tiles(b, kvh, c, block_n, target, max_
 
 @pytest.mark.parametrize("b,kvh,c", [(1, 8, 26214), (151, 8, 6554), (38, 8, 26214), (512, 8, 1638), (3, 2, 300),
                                      (1, 1, 1), (64, 8, 100)])
-def test_default_split_is_the_former_heuristic(b, kvh, c):
-    assert DEFAULT_CONFIG.split(b, kvh, c) == legacy_split(b, kvh, c)
+def test_the_untuned_config_splits_as_the_former_heuristic(b, kvh, c):
+    assert UNTUNED.split(b, kvh, c) == legacy_split(b, kvh, c)
+
+
+def test_default_is_the_config_the_h200_sweep_chose():
+    """benchmarks/results/decode_kernel_h200/best_kernel.json: the sweep's best over its five shapes."""
+    best = json.loads((BENCH / "results" / "decode_kernel_h200" / "best_kernel.json").read_text())
+    assert KernelConfig.from_dict(best) == DEFAULT_CONFIG
 
 
 @pytest.mark.parametrize("kwargs,field", [({"block_n": 48}, "block_n"), ({"block_n": 8}, "block_n"),
@@ -275,9 +285,9 @@ def test_sweep_grid_keeps_the_default_and_prunes_hopeless_tiles():
     tiles = sweep.tile_grid(DEFAULT_CONFIG, [32, 64, 128], [2, 4, 8], [1, 2, 3, 4])
     assert tiles[0] == DEFAULT_CONFIG and len(tiles) == len(set(tiles)) == 28
     assert not any((c.block_n, c.num_warps) in ((32, 8), (128, 2)) for c in tiles)
-    assert all(c.target_programs == 2048 for c in tiles)
+    assert all(c.target_programs == DEFAULT_CONFIG.target_programs for c in tiles)
     more = sweep.split_grid(tiles[:3], [1024, 2048, 4096], [48], set(tiles))
-    assert len(more) == 6 and {c.target_programs for c in more} == {1024, 4096}
+    assert len(more) == 6 and {c.target_programs for c in more} == {1024, 2048, 4096} - {tiles[0].target_programs}
     rows = [dict(config="a", shape="s1", ok=True, ms=1.0), dict(config="a", shape="s2", ok=True, ms=1.0),
             dict(config="b", shape="s1", ok=True, ms=0.5), dict(config="b", shape="s2", ok=False),
             dict(config="c", shape="s1", ok=True, ms=1.2), dict(config="c", shape="s2", ok=True, ms=0.9)]
@@ -291,7 +301,7 @@ def test_sweep_runs_end_to_end_in_the_interpreter(interpreted):
     _, _, tmp_path, stdout = interpreted
     data = json.loads((tmp_path / sweep.RESULTS_JSON).read_text())
     rows, meta = data["rows"], data["meta"]
-    assert [r["stage"] for r in rows] == [1] * 4 + [2]  # 4 tiles, then the best tile at the other target
+    assert [r["stage"] for r in rows] == [1] * 4 + [2] * 2  # 4 tiles, then the best tile at the other targets
     assert all(r["ok"] and r["max_abs_diff"] < 1e-5 and r["ms"] > 0 for r in rows)
     assert rows[0]["config"] == sweep.config_label(DEFAULT_CONFIG) and rows[0]["speedup_vs_default"] == 1.0
     assert meta["shapes"][0]["slots"] == 128 and meta["shapes"][0]["default_vs_reference"] < 1e-5
