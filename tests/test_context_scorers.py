@@ -14,6 +14,7 @@ from depthkv.engine.cache import layer_lengths
 from depthkv.engine.reconstruct import ContextPassError, replay_inputs
 from depthkv.scorers import ExpectedAttention, KVzip, ScoreInputs, get_scorer
 from depthkv.scorers.expected_attention import rope_matrix, rotate
+from depthkv.scorers.kvzip import span_max_pool
 
 PROMPT = (7, 8, 9)
 
@@ -53,6 +54,49 @@ def test_kvzip_scores_equal_attention_of_full_forwards(tiny_models, arch, chunk)
         torch.testing.assert_close(got, want.float(), atol=2e-5, rtol=1e-4)
     # the replayed tokens are gone again: the cache holds exactly the context
     assert layer_lengths(sp.cache) == [90] * 4 and sp.cache.get_seq_length() == 90
+
+
+def test_kvzip_kernel_one_is_the_paper_score_and_pooling_widens_it(tiny_models):
+    model = tiny_models("qwen2", "eager")
+    ctx = _ids(70)
+    one = KVzip(replay_chunk=30, prompt_ids=PROMPT, kernel=1)
+    # kernel=1 is the default: the scores test_kvzip_scores_equal_attention_of_full_forwards checks
+    assert one == KVzip(replay_chunk=30, prompt_ids=PROMPT)
+    plain = score_prefill(model, ctx, [one], Protection()).scores["kvzip"]
+    pooled = score_prefill(model, ctx, [KVzip(replay_chunk=30, prompt_ids=PROMPT, kernel=5)],
+                           Protection()).scores["kvzip"]
+    for p, q in zip(plain, pooled):
+        assert q.shape == p.shape == (1, 2, 70)  # one score per KV head, GQA unchanged
+        # pooling each replayed chunk then max-accumulating == pooling the accumulated max
+        want = torch.nn.functional.max_pool1d(p.reshape(2, 1, 70), 5, stride=1, padding=2).reshape(1, 2, 70)
+        torch.testing.assert_close(q, want)
+        assert (q >= p).all() and (q > p).any()
+
+
+def test_kvzip_kernel_three_on_a_hand_made_row():
+    row = torch.tensor([0.1, 0.9, 0.2, 0.0, 0.0, 0.5, 0.3])
+    other = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.7])  # KV heads are pooled independently
+    assert span_max_pool(row[None, None], 1).equal(row[None, None])
+    got = span_max_pool(torch.stack([row, other])[None], 3)
+    want = torch.tensor([[[0.9, 0.9, 0.9, 0.2, 0.5, 0.5, 0.5], [0.0, 0.0, 0.0, 0.0, 0.0, 0.7, 0.7]]])
+    assert got.shape == (1, 2, 7) and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("kernel", [0, 2, -1, 4, 1.0, True])
+def test_kvzip_rejects_bad_kernel(kernel):
+    with pytest.raises(ValueError, match="odd integer kernel"):
+        KVzip(kernel=kernel)
+
+
+def test_kvzip_bind_keeps_options():
+    class Tok:
+        chat_template = None
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) % 97 for c in text]}
+
+    s = KVzip(replay_chunk=64, overlap=3, kernel=7).bind(Tok())
+    assert s.ready and (s.replay_chunk, s.overlap, s.kernel) == (64, 3, 7)
 
 
 def test_kvzip_replay_layout():
