@@ -12,6 +12,9 @@
 #   bash benchmarks/qwen_gpu.sh dpcheck              # data-parallel eval on 2 GPUs (--devices and torchrun/NCCL)
 #                                                    # against one GPU: the rows must be identical
 #   bash benchmarks/qwen_gpu.sh collect [DIR]        # results, configs, profiles: DIR/runs.tgz (default $OUT)
+#   bash benchmarks/qwen_gpu.sh restore [SRC]        # put back folders of earlier runs (default .gpu_runs/, carried
+#                                                    # to the machine): SRC/runs -> $RUNS, other SRC/X -> /root/X;
+#                                                    # an eval then skips the cells already there
 #
 # Variables [defaults]: MODEL [qwen2.5-coder-1.5b], CTX [4096] eval context, SAMPLES [40] per task,
 # TASKS [needle,multikey,vartrack,docqa], SETTING [agnostic], METHODS (aware: full,uniform,pyramid,optimal,
@@ -120,6 +123,16 @@ collect)
     -print0 | tar --null -czf "$dest/runs.tgz" -T -)
   ls -la "$dest"
   ;;
+restore)
+  src=${2:-.gpu_runs}
+  [ -d "$src" ] || { echo "restore: no folder $src" >&2; exit 2; }
+  for d in "$src"/*/; do
+    d=${d%/}; name=$(basename "$d")
+    dest=$([ "$name" = runs ] && echo "$RUNS" || echo "/root/$name")
+    mkdir -p "$dest" && cp -r "$d"/. "$dest"/ && echo "restored $d -> $dest"
+  done
+  ;;
 *)
-  echo "usage: $0 calibrate aware|agnostic | eval NAME | kvpress [NAME] | dpcheck | collect [DIR]" >&2; exit 2 ;;
+  echo "usage: $0 calibrate aware|agnostic | eval NAME | kvpress [NAME] | dpcheck | collect [DIR] | restore [SRC]" >&2
+  exit 2 ;;
 esac
