@@ -161,7 +161,13 @@ def _decode(model, tokenizer, caches: list, full_ids, max_new: int, batch: int) 
     """Greedy answers of several caches of one prompt: one fast-path batch per ``batch`` caches (plain
     ``generate`` for a model the fast path does not support), each cut after its first end-of-sequence token."""
     from depthkv.engine import generate_from_cache
-    from depthkv.engine.static import FastDecodeError, check_model, eos_ids, fast_generate_caches
+    from depthkv.engine.static import (
+        FastDecodeError,
+        answers_until_eos,
+        check_model,
+        eos_ids,
+        fast_generate_caches,
+    )
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     try:
@@ -170,13 +176,11 @@ def _decode(model, tokenizer, caches: list, full_ids, max_new: int, batch: int) 
         outs = [generate_from_cache(model, c, full_ids, max_new_tokens=max_new, do_sample=False, pad_token_id=pad,
                                     top_p=None, top_k=None, temperature=None)[0] for c in caches]
         return [tokenizer.decode(o[full_ids.shape[1]:], skip_special_tokens=True).strip() for o in outs]
-    eos = set(eos_ids(model, {}))
     texts = []
     for i in range(0, len(caches), batch):
         out = fast_generate_caches(model, caches[i:i + batch], full_ids, max_new, do_sample=False, pad_token_id=pad)
-        for row in out[:, full_ids.shape[1]:].tolist():
-            n = next((j + 1 for j, t in enumerate(row) if t in eos), len(row))
-            texts.append(tokenizer.decode(row[:n], skip_special_tokens=True).strip())
+        texts += [tokenizer.decode(row, skip_special_tokens=True).strip()
+                  for row in answers_until_eos(out, full_ids.shape[1], eos_ids(model, {}))]
     return texts
 
 

@@ -367,3 +367,11 @@ def test_second_gpu_while_the_first_is_current(ids):
         out = fast_generate(model, clone_cache(comp.cache), x, 12, logits=comp.logits,
                             config=FastConfig(attention="triton"))
     assert torch.equal(out, ref)
+
+
+def test_answers_until_eos_cut_each_row_where_generate_stops():
+    from depthkv.engine.static import answers_until_eos
+
+    out = torch.tensor([[7, 7, 1, 2, 9, 5, 5], [7, 7, 3, 4, 4, 4, 4], [7, 7, 8, 0, 9, 1, 1]])
+    assert answers_until_eos(out, 2, [9, 8]) == [[1, 2, 9], [3, 4, 4, 4, 4], [8]]
+    assert answers_until_eos(out, 2, []) == [[1, 2, 9, 5, 5], [3, 4, 4, 4, 4], [8, 0, 9, 1, 1]]

@@ -515,6 +515,17 @@ def eos_ids(model: nn.Module, kwargs: dict) -> list[int]:
     return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
 
+def answers_until_eos(out: torch.Tensor, prompt_len: int, eos: list[int]) -> list[list[int]]:
+    """Each row's new tokens (after ``prompt_len``) up to and including its first end-of-sequence token, where
+    ``generate`` stops that row; the padding after it is dropped."""
+    stop = set(eos)
+    answers = []
+    for row in out[:, prompt_len:].tolist():
+        n = next((i + 1 for i, t in enumerate(row) if t in stop), len(row))
+        answers.append(row[:n])
+    return answers
+
+
 def _decode(model: nn.Module, build, done: int, input_ids: torch.Tensor, n_new: int, logits, config, kwargs):
     """Feed ``input_ids[:, done:]`` then decode ``n_new`` greedy tokens over the buffers ``build(horizon)``."""
     feed = input_ids[:, done:]
@@ -600,5 +611,5 @@ def fast_generate_caches(model: nn.Module, caches, input_ids: torch.Tensor, max_
                    done, ids, n_new, logits, config, generate_kwargs)
 
 
-__all__ = ["FastConfig", "FastDecodeError", "FastDecoder", "StaticPrunedCache", "check_greedy", "check_model",
-           "fast_generate", "fast_generate_caches"]
+__all__ = ["FastConfig", "FastDecodeError", "FastDecoder", "StaticPrunedCache", "answers_until_eos", "check_greedy",
+           "check_model", "eos_ids", "fast_generate", "fast_generate_caches"]

@@ -748,15 +748,11 @@ def _decode(sweep: _Sweep, cache, full_ids, max_new: int, seed: int) -> tuple[st
 def _decode_together(sweep: _Sweep, caches: list, pf: _Prefill, max_new: int) -> list[tuple[str, int]]:
     """Greedy answers of several pruned caches of one prompt, decoded as one fast-path batch: (text, new
     tokens) per cache, each cut after its first end-of-sequence token as ``generate`` stops there."""
-    from depthkv.engine.static import eos_ids, fast_generate_caches
+    from depthkv.engine.static import answers_until_eos, eos_ids, fast_generate_caches
 
     out = fast_generate_caches(sweep.model, caches, pf.full_ids, max_new, do_sample=False, pad_token_id=sweep.pad)
-    eos = set(eos_ids(sweep.model, {}))
-    answers = []
-    for row in out[:, pf.full_ids.shape[1]:].tolist():
-        n = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
-        answers.append((sweep.tokenizer.decode(row[:n], skip_special_tokens=True).strip(), n))
-    return answers
+    rows = answers_until_eos(out, pf.full_ids.shape[1], eos_ids(sweep.model, {}))
+    return [(sweep.tokenizer.decode(row, skip_special_tokens=True).strip(), len(row)) for row in rows]
 
 
 def _summarise(sweep: _Sweep, rows: list[dict]) -> list[dict]:
