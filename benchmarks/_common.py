@@ -40,6 +40,37 @@ SHAPES = {  # architecture fields of public configs (no weights): random-initial
 }
 
 
+def parse_list(text: str, kind: type, what: str, error: type[Exception], positive: bool = False) -> list:
+    """A comma-separated command-line list of ``kind`` values, duplicates dropped in order; bad input raises
+    ``error`` (the script's one-line usage error) naming the option ``what``."""
+    try:
+        vals = [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise error(f"{what}: expected comma-separated numbers, got {text!r}") from None
+    if not vals:
+        raise error(f"{what}: empty list")
+    if positive and any(v <= 0 for v in vals):
+        raise error(f"{what}: expected positive {'integers' if kind is int else 'numbers'}, got {text!r}")
+    return list(dict.fromkeys(vals))
+
+
+def parse_pairs(text: str, what: str, form: str, error: type[Exception]) -> list[tuple[int, int]]:
+    """``AxB,...`` items of two positive integers (``form`` names them, e.g. ``BATCHxTOKENS``), duplicates
+    dropped in order; bad input raises ``error`` naming the option ``what``."""
+    pairs = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        try:
+            a, b = (int(x) for x in part.lower().split("x"))
+        except ValueError:
+            raise error(f"{what}: expected {form} items, got {part!r}") from None
+        if a < 1 or b < 1:
+            raise error(f"{what}: {form} values must be positive, got {part!r}")
+        pairs.append((a, b))
+    if not pairs:
+        raise error(f"{what}: empty list")
+    return list(dict.fromkeys(pairs))
+
+
 def build_model(name: str, device: str, dtype):
     """``random:SHAPE`` (a random-initialised Llama of a :data:`SHAPES` entry, seed 0, SDPA attention) or a
     depthkv model name (alias, folder, hub id), in eval mode on ``device``."""

@@ -42,7 +42,16 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from _common import DEFAULT_PROFILE, MIN_TOKENS, ROOT, depthkv_view, versions, write_results
+from _common import (
+    DEFAULT_PROFILE,
+    MIN_TOKENS,
+    ROOT,
+    depthkv_view,
+    parse_list,
+    parse_pairs,
+    versions,
+    write_results,
+)
 
 STRATEGIES = ("global", "adaptive", "global+heads")
 N_SINK, N_RECENT = 4, 16  # depthkv's default protected window
@@ -50,32 +59,6 @@ N_SINK, N_RECENT = 4, 16  # depthkv's default protected window
 
 class UsageError(ValueError):
     """A bad command-line value: reported in one line, exit code 2."""
-
-
-def parse_ints(text: str, what: str) -> list[int]:
-    try:
-        out = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UsageError(f"{what} must be comma-separated integers, got {text!r}") from None
-    if not out or any(x <= 0 for x in out):
-        raise UsageError(f"{what} must be positive integers, got {text!r}")
-    return out
-
-
-def parse_shapes(text: str) -> list[tuple[int, int]]:
-    """``28x2,32x8`` -> [(28, 2), (32, 8)]: layers x KV heads."""
-    out = []
-    for part in (p.strip() for p in text.split(",") if p.strip()):
-        try:
-            layers, heads = (int(x) for x in part.lower().split("x"))
-        except ValueError:
-            raise UsageError(f"--shapes takes LAYERSxKV_HEADS items such as 28x2, got {part!r}") from None
-        if layers <= 0 or heads <= 0:
-            raise UsageError(f"--shapes needs positive layer and head counts, got {part!r}")
-        out.append((layers, heads))
-    if not out:
-        raise UsageError("--shapes is empty")
-    return out
 
 
 def make_scores(n_layers: int, kv_heads: int, n: int, device: str, dtype, seed: int = 0) -> list:
@@ -213,8 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "allocation_cost.json")
     args = ap.parse_args(argv)
     try:
-        args.lengths = parse_ints(args.lengths, "--lengths")
-        args.shapes = parse_shapes(args.shapes)
+        args.lengths = parse_list(args.lengths, int, "--lengths", UsageError, positive=True)
+        args.shapes = parse_pairs(args.shapes, "--shapes", "LAYERSxKV_HEADS", UsageError)
         args.strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
         bad = [s for s in args.strategies if s not in STRATEGIES]
         if bad or not args.strategies:

@@ -54,7 +54,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from _common import versions, write_results
+from _common import parse_list, parse_pairs, versions, write_results
 
 from depthkv.io import atomic_write, write_json
 
@@ -79,31 +79,6 @@ class Shape:
     @property
     def label(self) -> str:
         return f"{self.batch}x{self.tokens}"
-
-
-def parse_ints(text: str, what: str) -> list[int]:
-    try:
-        vals = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise SweepError(f"{what}: expected comma-separated integers, got {text!r}") from None
-    if not vals or any(v < 1 for v in vals):
-        raise SweepError(f"{what}: expected positive integers, got {text!r}")
-    return list(dict.fromkeys(vals))
-
-
-def parse_shapes(text: str) -> list[Shape]:
-    shapes = []
-    for part in (p.strip() for p in text.split(",") if p.strip()):
-        try:
-            b, c = (int(x) for x in part.lower().split("x"))
-        except ValueError:
-            raise SweepError(f"--shapes: expected BATCHxTOKENS items such as 151x6554, got {part!r}") from None
-        if b < 1 or c < 1:
-            raise SweepError(f"--shapes: batch and tokens must be positive, got {part!r}")
-        shapes.append(Shape(b, c))
-    if not shapes:
-        raise SweepError("--shapes: empty list")
-    return list(dict.fromkeys(shapes))
 
 
 def config_label(cfg) -> str:
@@ -315,8 +290,8 @@ def check_args(a: argparse.Namespace):
 
     from depthkv.engine import decode_kernel
 
-    shapes = parse_shapes(a.shapes)
-    grid = {name: parse_ints(getattr(a, name), "--" + name.replace("_", "-"))
+    shapes = [Shape(b, c) for b, c in parse_pairs(a.shapes, "--shapes", "BATCHxTOKENS", SweepError)]
+    grid = {name: parse_list(getattr(a, name), int, "--" + name.replace("_", "-"), SweepError, positive=True)
             for name in ("block_n", "num_warps", "num_stages", "target_programs", "max_split")}
     for name, vals in grid.items():
         for v in vals:

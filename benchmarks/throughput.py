@@ -51,7 +51,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from _common import DEFAULT_PROFILE, SHAPES, build_model, depthkv_view, versions, write_results
+from _common import DEFAULT_PROFILE, SHAPES, build_model, depthkv_view, parse_list, versions, write_results
 
 from depthkv.io import atomic_write
 
@@ -493,16 +493,6 @@ def load_previous(out: Path, settings: dict) -> tuple[list[dict], dict | None]:
 
 
 # ------------------------------------------------------------------------------------------ command line
-def parse_list(text: str, kind, what: str) -> list:
-    try:
-        vals = [kind(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise BenchError(f"{what}: expected comma-separated numbers, got {text!r}") from None
-    if not vals:
-        raise BenchError(f"{what}: empty list")
-    return list(dict.fromkeys(vals))
-
-
 def parse_kernel(text: str | None, attention: str):
     """``--kernel`` JSON as a :class:`~depthkv.engine.decode_kernel.KernelConfig` (None when not given)."""
     import json
@@ -555,8 +545,8 @@ class Args:
 
 
 def check_args(a: argparse.Namespace) -> Args:
-    contexts = parse_list(a.contexts, int, "--contexts")
-    ratios = parse_list(a.ratios, float, "--ratios")
+    contexts = parse_list(a.contexts, int, "--contexts", BenchError)
+    ratios = parse_list(a.ratios, float, "--ratios", BenchError)
     budgets = [b.strip() for b in a.budgets.split(",") if b.strip()]
     if any(n < 1 for n in contexts):
         raise BenchError(f"--contexts must be positive, got {contexts}")
