@@ -19,7 +19,7 @@
 # Variables [defaults]: MODEL [qwen2.5-coder-1.5b], CTX [4096] eval context, SAMPLES [40] per task,
 # TASKS [needle,multikey,vartrack,docqa], SETTING [agnostic], METHODS (aware: full,uniform,pyramid,optimal,
 # optimal-joint; agnostic: full,uniform,optimal,adaptive,global+heads,adaptive+heads), SCORERS (aware: snapkv;
-# agnostic: kvzip), RATIOS [0.6,0.8,0.9], PROFILE [the step's own profile; "none" for none], CALIB_CTX [4096],
+# agnostic: kvzip), SCORER (calibrate: the profile's scorer; eval: the default SCORERS and profile), RATIOS [0.6,0.8,0.9], PROFILE [the step's own profile; "none" for none], CALIB_CTX [4096],
 # CALIB_SAMPLES [64], REFINE [0.8,0.9] ratios refined (REFINE_SAMPLES [16] of the calibration samples), LIMIT [540] seconds per step, DEVICE [cuda], DEVICES (e.g. 0,1:
 # data-parallel over those GPUs, one worker process each), TORCHRUN (e.g. 2: the same under torchrun, ranks joined
 # by an NCCL group), DECODE_BATCH [48] cells decoded together (one fast-path batch per sample), NO_PROXY [unset]
@@ -43,7 +43,8 @@ DECODE_BATCH=${DECODE_BATCH:-48}
 export DEPTHKV_CACHE=${DEPTHKV_CACHE:-/root/dkc} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}  # /tmp/site: wheels carried to the GPU machine
 mkdir -p "$RUNS"
-scorer_for() { [ "$1" = aware ] && echo snapkv || echo kvzip; }
+# the step's scorer: $SCORER, else SnapKV (aware) / KVzip (agnostic); profiles are named after scorer and setting
+scorer_for() { if [ -n "${SCORER:-}" ]; then echo "$SCORER"; elif [ "$1" = aware ]; then echo snapkv; else echo kvzip; fi; }
 profile_for() { echo "$RUNS/profile_$(scorer_for "$1")_$1.json"; }
 has_refined() { python3 -c "import json, sys; sys.exit(0 if json.load(open(sys.argv[1])).get('refined') else 1)" "$1"; }
 if [ -n "${DEVICES:-}" ]; then devices=(--devices "$DEVICES"); else devices=(--device "$DEVICE"); fi
