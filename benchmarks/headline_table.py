@@ -86,6 +86,7 @@ class Options:
     level: float = 0.95
     seed: int = 0
     strict_duplicates: bool = False
+    tasks: tuple[str, ...] = ()  # only these tasks (empty: every task in the folders)
 
 
 @dataclass
@@ -167,8 +168,11 @@ def _rkey(ratio: Any) -> float:
 # ------------------------------------------------------------------------------------------------ loading
 
 
-def load(folders: Iterable[Path], setting: str, *, strict_duplicates: bool = False) -> Data:
-    """Rows of ``setting`` from every folder; duplicates of an earlier row are compared and left out."""
+def load(folders: Iterable[Path], setting: str, *, strict_duplicates: bool = False,
+         tasks: Iterable[str] = ()) -> Data:
+    """Rows of ``setting`` (and of ``tasks``, when given) from every folder; duplicates of an earlier row are
+    compared and left out."""
+    only = set(tasks)
     runs: list[Run] = []
     scores: dict[tuple[str, str, float], dict[str, float]] = defaultdict(dict)
     first: dict[tuple, tuple[str, dict]] = {}
@@ -196,7 +200,7 @@ def load(folders: Iterable[Path], setting: str, *, strict_duplicates: bool = Fal
             if missing:
                 raise InputError(f"{folder}/results.jsonl row {i} lacks {', '.join(missing)}")
             settings_seen[row.get("setting")] += 1
-            if row.get("setting") != setting:
+            if row.get("setting") != setting or (only and row["task"] not in only):
                 continue
             if row.get("status") != "ok" or row.get("score") is None:
                 n_skipped += 1
@@ -228,6 +232,9 @@ def load(folders: Iterable[Path], setting: str, *, strict_duplicates: bool = Fal
             scores[key][sid] = score
             used.append({**row, "run": run.name, "_label": lbl})
         skipped[run.name] = n_skipped
+    absent = sorted(only - {key[0] for key in scores})
+    if scores and absent:
+        raise InputError(f"--tasks: no scored rows of {', '.join(absent)} in setting {setting!r}")
     if not scores:
         found = ", ".join(f"{s} ({n} rows)" for s, n in settings_seen.most_common())
         raise InputError(f"no scored rows with setting {setting!r}; settings found: {found or 'none'}")
@@ -761,6 +768,9 @@ def _parse_args(argv: list[str]) -> tuple[Options, Path, Path | None]:
                     help="tasks whose full-cache mean is below this are left out of suite means (default 0.1)")
     ap.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
     ap.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    ap.add_argument("--tasks", default="",
+                    help="comma-separated tasks to summarise (default: every task in the folders), e.g. the tasks "
+                         "a run stopped at its time limit reached")
     ap.add_argument("--strict-duplicates", action="store_true",
                     help="fail when a row repeated across folders has a different score")
     ap.add_argument("--out", type=Path, required=True,
@@ -777,8 +787,9 @@ def _parse_args(argv: list[str]) -> tuple[Options, Path, Path | None]:
         ap.error(f"--n-boot must be >= 1, got {args.n_boot}")
     if args.out.suffix in (".md", ".json", ".png"):
         ap.error(f"--out is a prefix without extension (got {args.out})")
+    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     opts = Options(tuple(args.folders), args.setting, baselines, args.min_full, args.n_boot, 0.95, args.seed,
-                   args.strict_duplicates)
+                   args.strict_duplicates, tasks)
     return opts, args.out, args.rows_csv
 
 
@@ -787,7 +798,7 @@ def main(argv: list[str] | None = None) -> int:
     opts, out, csv_path = _parse_args(argv)
     command = "python benchmarks/headline_table.py " + shlex.join(argv)
     try:
-        data = load(opts.folders, opts.setting, strict_duplicates=opts.strict_duplicates)
+        data = load(opts.folders, opts.setting, strict_duplicates=opts.strict_duplicates, tasks=opts.tasks)
         summary = summarise(data, opts)
         meta = provenance(data, opts, command)
         suite_png, tasks_png = render_plots(summary, meta, opts)

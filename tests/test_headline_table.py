@@ -114,6 +114,20 @@ def test_exact_retention_paired_differences_and_floor(tmp_path, capsys):
     assert {e["label"]: e for e in res["suite"]}["uniform/snapkv"]["retention"] is None
 
 
+def test_tasks_filter_keeps_only_those_tasks(tmp_path):
+    folder = write_run(tmp_path / "runA", SCORES)
+    everything, only = tmp_path / "all" / "aware", tmp_path / "only" / "aware"
+    assert run([folder, "--setting", "aware", "--out", everything, *N_BOOT]) == 0
+    assert run([folder, "--setting", "aware", "--tasks", "alpha", "--out", only, *N_BOOT]) == 0
+    res_all = json.loads(everything.with_suffix(".json").read_text())
+    res = json.loads(only.with_suffix(".json").read_text())
+    assert {c["task"] for c in res["cells"]} == {"alpha"}
+    pick = {c["label"]: c["retention"] for c in res["cells"]}
+    assert pick == {c["label"]: c["retention"] for c in res_all["cells"] if c["task"] == "alpha"}
+    assert pick["uniform/snapkv"] == pytest.approx(2 / 3)
+    assert "--tasks alpha" in only.with_suffix(".md").read_text()
+
+
 def test_merged_folders_with_repeated_full_rows(tmp_path):
     a = write_run(tmp_path / "aw", {"alpha": {"full": [1, 1, 0, 0], "uniform/snapkv": [1, 0, 0, 0]}})
     b = write_run(tmp_path / "awj", {"alpha": {"full": [1, 1, 1, 0], "optimal-joint/snapkv": [1, 1, 0, 0]}})
@@ -189,6 +203,7 @@ def test_kvpress_rows_join_on_common_samples(tmp_path, monkeypatch):
     ("prefix", "--out is a prefix without extension"),
     ("row", "results.jsonl row 13 lacks sample_id, score"),
     ("twice", "a folder named 'a' is given twice"),
+    ("tasks", "--tasks: no scored rows of zeta in setting 'aware'"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, case, message):
     folder = write_run(tmp_path / "a", {"alpha": {"full": [1, 1, 0, 0], "uniform/snapkv": [1, 0, 0, 0],
@@ -210,6 +225,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, case, messag
                                  "ratio": 0.0, "status": "ok"}) + "\n")
     elif case == "twice":
         args.insert(1, folder)
+    elif case == "tasks":
+        args += ["--tasks", "alpha,zeta"]
     if case == "prefix":  # argparse's own usage error
         with pytest.raises(SystemExit) as exc:
             run(args)
