@@ -6,7 +6,9 @@ replayed as a CUDA graph). ``DEPTHKV_TEST_DEVICE=cuda`` runs the same comparison
 
 from __future__ import annotations
 
+import math
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -375,3 +377,137 @@ def test_answers_until_eos_cut_each_row_where_generate_stops():
     out = torch.tensor([[7, 7, 1, 2, 9, 5, 5], [7, 7, 3, 4, 4, 4, 4], [7, 7, 8, 0, 9, 1, 1]])
     assert answers_until_eos(out, 2, [9, 8]) == [[1, 2, 9], [3, 4, 4, 4, 4], [8]]
     assert answers_until_eos(out, 2, []) == [[1, 2, 9, 5, 5], [3, 4, 4, 4, 4], [8, 0, 9, 1, 1]]
+
+
+# ---------------------------------------------------------------------------------------------- early stop
+STOP = FastConfig(attention="split", block=16, stop_check=4)
+NEVER = FastConfig(attention="split", block=16, stop_check=0)
+
+
+@pytest.fixture
+def decoders(monkeypatch):
+    """The FastDecoders that fast_generate runs, kept so that a test can read their ``steps_done``."""
+    seen = []
+    run = FastDecoder.run
+
+    def spy(self, *args, **kwargs):
+        seen.append(self)
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(FastDecoder, "run", spy)
+    return seen
+
+
+def steps_until_all_ended(rows: list[list[int]], eos: list[int], every: int) -> int:
+    """Decode steps the early stop runs: new token 0 comes from the prefill logits, token j >= 1 from step j;
+    the check after every ``every`` steps sees all tokens up to there."""
+    last = max(next(j for j, t in enumerate(r) if t in eos) for r in rows)
+    return every * math.ceil(last / every)
+
+
+def hf_with_eos(model, comp, ids, n_new, eos):
+    """HF generate over the pruned dynamic cache (first token from the prefill logits), stopping at ``eos``."""
+    first = comp.logits[:, -1].argmax(-1, keepdim=True)
+    return generate_from_cache(model, clone_cache(comp.cache), torch.cat([ids, first], 1), max_new_tokens=n_new - 1,
+                               do_sample=False, eos_token_id=eos, pad_token_id=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_early_stop_runs_fewer_steps_same_tokens(models, ids, arch, decoders):
+    model = models(arch)
+    comp = compress(model, ids, (96, 7, 50, 23))
+    free = fast_generate(model, clone_cache(comp.cache), ids, 24, logits=comp.logits, eos_token_id=None)
+    cont = free[0, N:].tolist()
+    eos = cont[5]  # a token the greedy continuation produces early
+    want_steps = steps_until_all_ended([cont], [eos], 4)
+    decoders.clear()
+    out = fast_generate(model, clone_cache(comp.cache), ids, 24, logits=comp.logits, config=STOP, eos_token_id=eos)
+    assert [d.steps_done for d in decoders] == [want_steps] and want_steps < 23
+    decoders.clear()
+    full = fast_generate(model, clone_cache(comp.cache), ids, 24, logits=comp.logits, config=NEVER, eos_token_id=eos)
+    assert [d.steps_done for d in decoders] == [23]  # stop_check=0: every step, as before
+    assert torch.equal(out, full) and torch.equal(out, hf_with_eos(model, comp, ids, 24, eos))
+    assert int(out[0, -1]) == eos and out.shape[1] <= N + 6
+
+
+def test_early_stop_on_the_first_token_runs_no_step(models, ids, decoders):
+    """The first new token (from the prefill logits) is already the EOS: generate stops there, and the fast
+    path decodes nothing more (stop_check=0 decodes every step and cuts to the same single token)."""
+    model = models("llama")
+    comp = compress(model, ids, (8, 96, 8, 96))
+    eos = int(comp.logits[0, -1].argmax())
+    out = fast_generate(model, clone_cache(comp.cache), ids, 24, logits=comp.logits, config=STOP, eos_token_id=eos)
+    full = fast_generate(model, clone_cache(comp.cache), ids, 24, logits=comp.logits, config=NEVER, eos_token_id=eos)
+    assert [d.steps_done for d in decoders] == [0, 23]
+    assert torch.equal(out, full) and out[0, N:].tolist() == [eos]
+
+
+def test_stacked_rows_stop_when_the_last_one_ends(models, ids, decoders):
+    """Several caches decoded together: the batch stops only once every row has produced one of the EOS ids;
+    the rows that ended first are padded after their EOS, as generate pads them."""
+    from depthkv.engine.static import fast_generate_caches
+
+    model = models("llama")
+    comps = [compress(model, ids, (96, 7, 50, 23)), compress(model, ids, (8, 96, 8, 96))]
+    rows = [fast_generate(model, clone_cache(c.cache), ids, 24, logits=c.logits, eos_token_id=None)[0, N:].tolist()
+            for c in comps]
+    eos = [rows[0][4], rows[1][7]]  # each row's own EOS (a row stops at whichever of the two comes first)
+    want_steps = steps_until_all_ended(rows, eos, 4)
+    assert 4 < want_steps < 23  # a row ends at a later check than the first one
+
+    def together(config):
+        decoders.clear()
+        out = fast_generate_caches(model, [clone_cache(c.cache) for c in comps], ids, 24, config=config,
+                                   logits=torch.cat([c.logits for c in comps]), eos_token_id=eos, pad_token_id=0)
+        return out, decoders[0].steps_done
+
+    out, steps = together(STOP)
+    full, full_steps = together(NEVER)
+    assert (steps, full_steps) == (want_steps, 23) and torch.equal(out, full)
+    for row, comp in zip(out, comps):
+        ref = hf_with_eos(model, comp, ids, 24, eos)[0]
+        assert torch.equal(row[:ref.shape[0]], ref) and bool((row[ref.shape[0]:] == 0).all())
+
+
+def test_row_that_never_ends_runs_every_step(models, ids, decoders):
+    """One row emits the EOS early, the other never does: all max_new_tokens are decoded, as generate does."""
+    from depthkv.engine.static import fast_generate_caches
+
+    model = models("llama")
+    comps = [compress(model, ids, (96, 7, 50, 23)), compress(model, ids, (8, 96, 8, 96))]
+    rows = [fast_generate(model, clone_cache(c.cache), ids, 24, logits=c.logits, eos_token_id=None)[0, N:].tolist()
+            for c in comps]
+    eos = next(t for t in rows[0][1:8] if t not in rows[1])
+    decoders.clear()
+    out = fast_generate_caches(model, [clone_cache(c.cache) for c in comps], ids, 24, eos_token_id=eos,
+                               config=replace(STOP, stop_check=1), logits=torch.cat([c.logits for c in comps]),
+                               pad_token_id=0)
+    assert [d.steps_done for d in decoders] == [23] and out.shape[1] == N + 24
+    assert out[1, N:].tolist() == rows[1]  # the row that never ended: its whole greedy continuation
+    ref = hf_with_eos(model, comps[0], ids, 24, eos)[0]
+    assert torch.equal(out[0, :ref.shape[0]], ref) and bool((out[0, ref.shape[0]:] == 0).all())
+
+
+def test_decoder_run_stops_early_only_with_eos(models, ids):
+    """FastDecoder.run itself: with EOS ids it returns the tokens up to the check that saw every row end;
+    without them (or with stop_check=0) it decodes all n_new tokens."""
+    model = models("qwen2")
+    comp = compress(model, ids, (96, 7, 50, 23))
+    token = comp.logits[:, -1].argmax(-1, keepdim=True)
+
+    def run(config, **kw):
+        dec = FastDecoder(model, StaticPrunedCache(clone_cache(comp.cache), 20, block=16), config)
+        return dec.run(token, 20, **kw).tolist(), dec.steps_done
+
+    free, steps = run(STOP)
+    assert steps == 20 and len(free[0]) == 20
+    eos = free[0][2]
+    assert run(STOP, eos=[eos]) == ([free[0][:4]], 4)
+    assert run(NEVER, eos=[eos]) == (free, 20)
+    assert run(STOP, eos=[eos], ended=torch.tensor([True])) == ([[]], 0)
+
+
+@pytest.mark.parametrize("bad", [-1, -16])
+def test_negative_stop_check_is_refused(bad):
+    with pytest.raises(FastDecodeError, match="stop_check"):
+        FastConfig(stop_check=bad)

@@ -20,6 +20,7 @@ computing something different. Only greedy decoding is supported.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,12 @@ class FastConfig:
     to fuse their element-wise kernels (CUDA only; compiled once per model, before the graph capture).
     ``warmup_steps``: real decode steps run eagerly before capturing (cuBLAS/compile warm-up).
     ``keep_logits``: keep the last step's logits ``[B, V]`` in ``FastDecoder.logits`` (float32; for checks).
+    ``stop_check``: every this many new tokens, look whether every row has produced an end-of-sequence token
+    and stop decoding if so, which is ``generate``'s stopping rule (0 = never look, always decode all
+    ``max_new_tokens``). Answers often end long before ``max_new_tokens``; the steps after that are wasted.
+    The check reads the tokens already written by the (captured) step, one small device-to-host copy per
+    check rather than per step, so the CUDA graph is replayed unchanged. The returned tokens are the same for
+    every value.
     """
 
     attention: str = "auto"
@@ -58,12 +65,15 @@ class FastConfig:
     compile: bool = False
     warmup_steps: int = 2
     keep_logits: bool = False
+    stop_check: int = 16
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTIONS:
             raise FastDecodeError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
         if self.block < 1 or self.warmup_steps < 1:
             raise FastDecodeError("block and warmup_steps must be >= 1")
+        if self.stop_check < 0:
+            raise FastDecodeError(f"stop_check must be >= 0 (0 = never stop early), got {self.stop_check}")
 
 
 # ------------------------------------------------------------------------------------------------ model checks
@@ -448,10 +458,18 @@ class FastDecoder:
             self.step()
 
     @torch.no_grad()
-    def run(self, feed: torch.Tensor, n_new: int) -> torch.Tensor:
-        """Feed ``feed`` ([B, k] tokens not yet in the cache) then decode greedily; return the ``n_new`` new tokens.
+    def run(self, feed: torch.Tensor, n_new: int, eos: Sequence[int] = (),
+            ended: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed ``feed`` ([B, k] tokens not yet in the cache) then decode greedily; return the new tokens.
 
         The first new token is the argmax after the last fed token. Needs ``horizon >= k + n_new - 1``.
+        Without ``eos`` (or with ``config.stop_check == 0``) all ``n_new`` tokens are decoded. With ``eos``
+        (end-of-sequence ids) decoding stops, as ``generate`` does, once every row has produced one of them:
+        every ``config.stop_check`` new tokens the written tokens are checked, so the result may hold fewer
+        than ``n_new`` columns, each row's first EOS among them (rows that ended earlier keep decoding until
+        the check; their tokens after the EOS are the caller's to discard). ``ended`` ([B] bool) marks rows
+        that already ended before these tokens (e.g. on a first token taken from prefill logits): those
+        count as finished, and if all have, no step is run. ``steps_done`` counts the steps actually run.
         """
         k = feed.shape[1]
         total = k + n_new - 1
@@ -459,12 +477,25 @@ class FastDecoder:
             raise FastDecodeError(f"{total} decode steps requested, buffers hold {self.cache.horizon - self.steps_done}")
         feed = feed.to(self.token.device)
         start = self.steps_done
+        first = start + k - 1  # the slot of ``out`` holding the first new token
+        every = self.config.stop_check if len(eos) else 0
+        if every:
+            stop_ids = torch.tensor(list(eos), dtype=torch.long, device=self.out.device)
+            done = torch.zeros(self.out.shape[0], dtype=torch.bool, device=self.out.device)
+            if ended is not None:
+                done |= ended.to(device=done.device, dtype=torch.bool).reshape(-1)
+            checked = first  # tokens of ``out`` before this slot have been folded into ``done``
         for i in range(total):
+            produced = i - k + 1  # new tokens written so far
+            if every and produced >= 0 and produced % every == 0 and (produced or ended is not None):
+                done |= torch.isin(self.out[:, checked:start + i], stop_ids).any(1)
+                checked = start + i
+                if bool(done.all()):  # the one device-to-host sync of a check
+                    return self.out[:, first:start + i]
             if i < k:
                 self.token.copy_(feed[:, i:i + 1])
             self._one()
-        new = self.out[:, start + k - 1: start + total]
-        return new
+        return self.out[:, first:start + total]
 
     def _one(self) -> None:
         if self.cuda:  # kernels, streams and the graph belong to the cache's device, not the current one
@@ -527,7 +558,8 @@ def answers_until_eos(out: torch.Tensor, prompt_len: int, eos: list[int]) -> lis
 
 
 def _decode(model: nn.Module, build, done: int, input_ids: torch.Tensor, n_new: int, logits, config, kwargs):
-    """Feed ``input_ids[:, done:]`` then decode ``n_new`` greedy tokens over the buffers ``build(horizon)``."""
+    """Feed ``input_ids[:, done:]`` then decode ``n_new`` greedy tokens over the buffers ``build(horizon)``,
+    stopping once every row has ended (see ``FastConfig.stop_check``); cut as ``generate`` would."""
     feed = input_ids[:, done:]
     if feed.shape[1] == 0:
         if logits is None:
@@ -541,12 +573,15 @@ def _decode(model: nn.Module, build, done: int, input_ids: torch.Tensor, n_new: 
     horizon = feed_dec.shape[1] + n_dec - 1 if n_dec > 0 else 0
     static = build(horizon)
     parts = [] if new_first is None else [new_first]
+    eos = eos_ids(model, kwargs)
     if n_dec > 0:
         dec = FastDecoder(model, static, config)
-        parts.append(dec.run(feed_dec, n_dec).to(input_ids.device))
+        ended = None if new_first is None or not eos else torch.isin(new_first[:, 0], torch.tensor(
+            eos, device=new_first.device))
+        parts.append(dec.run(feed_dec, n_dec, eos=eos, ended=ended).to(input_ids.device))
     new = torch.cat(parts, dim=1)
     pad = kwargs.get("pad_token_id", model.generation_config.pad_token_id)
-    new = _finish(new, eos_ids(model, kwargs), pad)
+    new = _finish(new, eos, pad)
     return torch.cat([input_ids, new], dim=1)
 
 
