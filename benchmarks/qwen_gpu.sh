@@ -23,7 +23,9 @@
 # CALIB_SAMPLES [64], REFINE [0.8,0.9] ratios refined (REFINE_SAMPLES [16] of the calibration samples), LIMIT [540] seconds per step, DEVICE [cuda], DEVICES (e.g. 0,1:
 # data-parallel over those GPUs, one worker process each), TORCHRUN (e.g. 2: the same under torchrun, ranks joined
 # by an NCCL group), DECODE_BATCH [48] cells decoded together (one fast-path batch per sample), NO_PROXY [unset]
-# (set: the profile skips the paper's proxy metrics, which the mga and mlma allocators read).
+# (set: the profile skips the paper's proxy metrics, which the mga and mlma allocators read), TASK_OPTIONS (eval:
+# the generators' options as JSON, e.g. '{"gsm_inf": {"num_distractors": 4}}'; METHODS=full PROFILE=none for a
+# full-cache difficulty probe).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${MODEL:-qwen2.5-coder-1.5b}
@@ -83,6 +85,7 @@ eval)
   profile=${PROFILE:-$(profile_for "$SETTING")}
   extra=()
   [ "$profile" != none ] && extra=(--profile "$profile")
+  [ -n "${TASK_OPTIONS:-}" ] && extra+=(--task-options "$TASK_OPTIONS")
   # a profile serves the scorers it was not calibrated with only on purpose: say so in the run's record
   [ "$profile" != none ] && [ "$scorers" != "$(scorer_for "$SETTING")" ] && extra+=(--force-profile)
   timeout "$LIMIT" "${depthkv[@]}" eval --model "$MODEL" "${devices[@]}" --tasks "$TASKS" --settings "$SETTING" \
