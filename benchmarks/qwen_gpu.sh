@@ -8,7 +8,8 @@
 #   bash benchmarks/qwen_gpu.sh calibrate aware      # SnapKV profile, question in the prefill, refined at $REFINE
 #   bash benchmarks/qwen_gpu.sh calibrate agnostic   # KVzip profile, context compressed before the question
 #   SETTING=aware bash benchmarks/qwen_gpu.sh eval NAME   # one grid into $RUNS/NAME (see the variables below)
-#   bash benchmarks/qwen_gpu.sh kvpress NAME         # kvpress 0.5.5 presses on the agnostic samples (.kvwhl/)
+#   bash benchmarks/qwen_gpu.sh kvpress NAME         # kvpress 0.5.5 presses on the agnostic samples (.kvwhl/);
+#                                                    # with DEVICES: the tasks split over the GPUs, NAME_d<i>
 #   bash benchmarks/qwen_gpu.sh dpcheck              # data-parallel eval on 2 GPUs (--devices and torchrun/NCCL)
 #                                                    # against one GPU: the rows must be identical
 #   bash benchmarks/qwen_gpu.sh collect [DIR]        # results, configs, profiles: DIR/runs.tgz (default $OUT)
@@ -103,10 +104,24 @@ kvpress)
     echo 'def load_dataset(*a, **k): raise ImportError("datasets is not installed")' > /tmp/kvsite/datasets/__init__.py
     echo 'def Fire(*a, **k): raise ImportError("fire is not installed")' > /tmp/kvsite/fire/__init__.py
   fi
-  PYTHONPATH=/tmp/kvsite:$PYTHONPATH timeout "$LIMIT" python3 benchmarks/kvpress_agnostic.py --model "$MODEL" \
-    --device "$DEVICE" --tasks "$TASKS" --samples "$SAMPLES" --context-tokens "$CTX" --ratios "$RATIOS" \
-    --presses "${PRESSES:-kvzip,expected_attention,adakv_ea}" --out "$RUNS/$name" 2>&1 | tail -n 30 \
-    || echo "kvpress stopped (limit $LIMIT s or error); run again to resume"
+  kvpress_run() {  # DEVICE TASKS OUT
+    PYTHONPATH=/tmp/kvsite:$PYTHONPATH timeout "$LIMIT" python3 benchmarks/kvpress_agnostic.py --model "$MODEL" \
+      --device "$1" --tasks "$2" --samples "$SAMPLES" --context-tokens "$CTX" --ratios "$RATIOS" \
+      --presses "${PRESSES:-kvzip,expected_attention,adakv_ea}" --out "$3" 2>&1 | tail -n 30 \
+      || echo "kvpress stopped (limit $LIMIT s or error); run again to resume"
+  }
+  if [ -n "${DEVICES:-}" ]; then
+    # one process per GPU, the tasks dealt round-robin; folders NAME_d0, NAME_d1, ... (headline_table merges them)
+    IFS=, read -r -a devs <<< "$DEVICES"; IFS=, read -r -a tl <<< "$TASKS"
+    for i in "${!devs[@]}"; do
+      mine=$(for j in "${!tl[@]}"; do if [ $((j % ${#devs[@]})) -eq "$i" ]; then printf '%s,' "${tl[$j]}"; fi; done)
+      [ -n "$mine" ] && kvpress_run "cuda:${devs[$i]}" "${mine%,}" "$RUNS/${name}_d$i" > "/tmp/kvpress_${name}_d$i.log" &
+    done
+    wait
+    cat /tmp/kvpress_"${name}"_d*.log
+  else
+    kvpress_run "$DEVICE" "$TASKS" "$RUNS/$name"
+  fi
   ;;
 dpcheck)
   # the same small sweep three ways: one GPU, two worker processes (--devices 0,1), two torchrun ranks (NCCL)
