@@ -1,4 +1,4 @@
-"""Atomic file writes: a reader, or a crash half-way, never sees a half-written file.
+"""Atomic file writes (a reader, or a crash half-way, never sees a half-written file) and the cache root.
 
 Every JSON and CSV file depthkv writes (profiles, budget vectors, evaluation configs and summaries, transfer
 tables, the model cache's manifests) goes through :func:`atomic_write`: the text is written to a temporary
@@ -17,7 +17,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_write", "write_json"]
+__all__ = ["atomic_write", "cache_root", "write_json"]
+
+
+def cache_root() -> Path:
+    """Base folder of depthkv's on-disk caches (models, parsed corpus, generated samples):
+    ``$DEPTHKV_CACHE`` or ``~/.cache/depthkv``. Not created here."""
+    env = os.environ.get("DEPTHKV_CACHE", "").strip()
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "depthkv"
 
 
 @contextlib.contextmanager

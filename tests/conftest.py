@@ -35,6 +35,15 @@ def build_tiny(arch: str, impl: str = "sdpa", n_layers: int = 4, seed: int = 0) 
     return model
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_sample_cache(tmp_path_factory):
+    """Generated samples are cached in a folder of this test session, not in the user's cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DEPTHKV_SAMPLE_CACHE", str(tmp_path_factory.mktemp("sample_cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def tiny_models():
     cache: dict = {}

@@ -280,11 +280,10 @@ def task_label(task: str) -> str:
 
 
 def load_samples(cfg: EvalConfig, tokenizer) -> dict[str, list]:
-    """Evaluation samples (split="eval") of every task, keyed by task label."""
-    from depthkv.tasks import generate
-    from depthkv.tasks.prompt import token_counter
+    """Evaluation samples (split="eval") of every task, keyed by task label (from the sample cache when this
+    machine generated them before: :mod:`depthkv.tasks.sample_cache`)."""
+    from depthkv.tasks.sample_cache import generate_cached
 
-    count = token_counter(tokenizer)
     out = {}
     for t in cfg.tasks:
         base, _, arg = t.partition(":")
@@ -292,8 +291,8 @@ def load_samples(cfg: EvalConfig, tokenizer) -> dict[str, list]:
         if arg:
             opts["path"] = arg
         try:
-            samples = generate(base, cfg.samples, cfg.seed, context_tokens=cfg.context_tokens, count_tokens=count,
-                               split="eval", **opts)
+            samples = generate_cached(base, cfg.samples, cfg.seed, context_tokens=cfg.context_tokens,
+                                      tokenizer=tokenizer, split="eval", **opts)
         except (TypeError, ValueError) as exc:  # unknown option, context too short for the task, ...
             raise EvalError(f"task {t}: {exc}") from None
         if not samples:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from depthkv.io import write_json
+from depthkv.io import cache_root, write_json
 
 from .hashing import sha256_file
 
@@ -39,8 +39,7 @@ _MAX_HEADER = 100 * 1024 * 1024
 
 def cache_dir(*, create: bool = True) -> Path:
     """Root folder of the model cache (created if missing, unless ``create=False``)."""
-    env = os.environ.get("DEPTHKV_CACHE", "").strip()
-    root = (Path(env).expanduser() if env else Path.home() / ".cache" / "depthkv") / "models"
+    root = cache_root() / "models"
     if create:
         root.mkdir(parents=True, exist_ok=True)
     return root

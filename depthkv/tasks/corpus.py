@@ -42,7 +42,7 @@ import sysconfig
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from depthkv.io import write_json
+from depthkv.io import cache_root, write_json
 
 __all__ = [
     "Passage",
@@ -260,7 +260,7 @@ def _cache_path() -> str:
     the source files, so a changed installation never reads a stale cache.  ``DEPTHKV_CACHE`` overrides
     the base directory (default ``~/.cache/depthkv``).
     """
-    base = os.environ.get("DEPTHKV_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "depthkv")
+    base = str(cache_root())
     sig = hashlib.sha256(f"{_CACHE_FORMAT}|{stdlib_dir()}".encode())
     for rel in (*_stdlib_files(), "LICENSE.txt"):
         try:
