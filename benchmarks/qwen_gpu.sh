@@ -6,7 +6,7 @@
 # $RUNS (default /root/runs): a step cut by its time limit continues where it stopped when run again.
 #
 #   bash benchmarks/qwen_gpu.sh calibrate aware      # SnapKV profile, question in the prefill, refined at $REFINE
-#   bash benchmarks/qwen_gpu.sh calibrate agnostic   # KVzip profile, context compressed before the question
+#   bash benchmarks/qwen_gpu.sh calibrate agnostic   # KVzip profile, context compressed before the question, refined
 #   SETTING=aware bash benchmarks/qwen_gpu.sh eval NAME   # one grid into $RUNS/NAME (see the variables below)
 #   bash benchmarks/qwen_gpu.sh kvpress NAME         # kvpress 0.5.5 presses on the agnostic samples (.kvwhl/);
 #                                                    # with DEVICES: the tasks split over the GPUs, NAME_d<i>
@@ -19,7 +19,8 @@
 #
 # Variables [defaults]: MODEL [qwen2.5-coder-1.5b], CTX [4096] eval context, SAMPLES [40] per task,
 # TASKS [needle,multikey,vartrack,docqa], SETTING [agnostic], METHODS (aware: full,uniform,pyramid,optimal,
-# optimal-joint; agnostic: full,uniform,optimal,adaptive,global+heads,adaptive+heads), SCORERS (aware: snapkv;
+# optimal-joint; agnostic: full,uniform,optimal,optimal-joint,adaptive,global+heads,adaptive+heads; optimal-joint
+# once the profile is refined), SCORERS (aware: snapkv;
 # agnostic: kvzip), SCORER (calibrate: the profile's scorer; eval: the default SCORERS and profile), RATIOS [0.6,0.8,0.9], PROFILE [the step's own profile; "none" for none], CALIB_CTX [4096],
 # CALIB_SAMPLES [64], REFINE [0.8,0.9] ratios refined (REFINE_SAMPLES [16] of the calibration samples), LIMIT [540] seconds per step, DEVICE [cuda], DEVICES (e.g. 0,1:
 # data-parallel over those GPUs, one worker process each), TORCHRUN (e.g. 2: the same under torchrun, ranks joined
@@ -67,20 +68,20 @@ calibrate)
       --setting "$setting" --samples "$CALIB_SAMPLES" --context-tokens "$CALIB_CTX" --probe-ratios 0.5,0.8,0.95,1.0 \
       "${proxy[@]}" --out "$out" 2>&1 | tail -n 30 || echo "calibrate failed or stopped at the limit"
   fi
-  # aware: refine the optimal budgets on the joint damage of all layers pruned (strategy optimal-joint), in place
-  if [ "$setting" = aware ] && [ -n "$REFINE" ] && [ -f "$out" ] && ! has_refined "$out"; then
+  # refine the optimal budgets on the joint damage of all layers pruned (strategy optimal-joint), in place
+  if [ -n "$REFINE" ] && [ -f "$out" ] && ! has_refined "$out"; then
     timeout "$LIMIT" python3 -m depthkv refine --model "$MODEL" --device "$DEVICE" --profile "$out" \
       --ratios "$REFINE" --samples "$REFINE_SAMPLES" 2>&1 | tail -n 10 || echo "refine failed or stopped at the limit"
   fi
   ;;
 eval)
   name=${2:?eval NAME}
+  joint=
+  has_refined "$(profile_for "$SETTING")" 2>/dev/null && joint=,optimal-joint  # only once refine has run
   if [ "$SETTING" = aware ]; then
-    joint=
-    has_refined "$(profile_for aware)" 2>/dev/null && joint=,optimal-joint  # only once refine has run
     methods=${METHODS:-full,uniform,pyramid,optimal$joint}
   else
-    methods=${METHODS:-full,uniform,optimal,adaptive,global+heads,adaptive+heads}
+    methods=${METHODS:-full,uniform,optimal$joint,adaptive,global+heads,adaptive+heads}
   fi
   scorers=${SCORERS:-$(scorer_for "$SETTING")}
   profile=${PROFILE:-$(profile_for "$SETTING")}

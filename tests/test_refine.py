@@ -373,3 +373,42 @@ def test_calibrate_refine_allocate_workflow(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(lm.tokenizer, "chat_template", lm.tokenizer.chat_template.replace("assistant", "bot"))
     assert main(["refine", "--profile", str(prof), "--ratios", "0.8"]) == 2
     assert "differ from those it was calibrated on" in capsys.readouterr().err and prof.read_text() == before
+
+
+def test_refinement_in_the_agnostic_setting_with_kvzip(tiny_models):
+    """Query-agnostic items (context pruned, then question + answer forced through the pruned cache) with a
+    context-pass scorer (KVzip): the joint KL the search measures equals physically evicting every layer and
+    forcing question + answer, and the refined vector is never worse than the start."""
+    from depthkv.engine.runner import score_prefill as depthkv_score_prefill
+    from tests.conftest import SCORER_OPTIONS
+
+    model = tiny_models("qwen2", "sdpa")
+    gen = torch.Generator().manual_seed(3)
+    items = [CalibrationItem(torch.randint(0, 256, (1, n), generator=gen), torch.randint(0, 256, (1, 4), generator=gen),
+                             f"a{i}", question_ids=torch.randint(0, 256, (1, 6), generator=gen))
+             for i, n in enumerate((70, 64, 76))]
+    scorer = get_scorer("kvzip", **SCORER_OPTIONS["kvzip"])
+    view = SensitivityView(PROBES, measure_sensitivity(model, items, scorer, PROBES, PROT).kl.mean(axis=0))
+    samples = prepare_samples(model, items, scorer, PROT)
+    ratio = 0.7
+    res = refine_ratio(model, samples, view, ratio, RefineConfig(rounds=2), FLOOR)
+    assert res.joint_kl_refined <= res.joint_kl_start
+
+    def evicted(shares) -> float:
+        kls = []
+        for item in items:
+            prefix, forced = item.split()
+            budgets = budgets_from_shares(shares, prefix.shape[1], ratio, min_tokens=FLOOR)
+            assert budgets.total == global_budget(4, prefix.shape[1], ratio)
+            sp = depthkv_score_prefill(model, prefix, [scorer], PROT)
+            with Session(model):
+                logits = forward_with_cache(model, forced, sp.prune("kvzip", budgets), logits_to_keep=4)
+            ref = forward_with_cache(model, forced, shared_cache(sp.cache), logits_to_keep=4)
+            logp, ref_logp = logits.float().log_softmax(-1), ref.float().log_softmax(-1)
+            kls.append((ref_logp.exp() * (ref_logp - logp)).sum(-1).mean().item())
+        return float(np.mean(kls))
+
+    before, after = evicted(res.start_shares), evicted(res.shares)
+    assert before == pytest.approx(res.joint_kl_start, rel=1e-3)
+    assert after == pytest.approx(res.joint_kl_refined, rel=1e-3)
+    assert after <= before * (1 + 1e-4)
