@@ -19,8 +19,8 @@
 #
 # Variables [defaults]: MODEL [qwen2.5-coder-1.5b], CTX [4096] eval context, SAMPLES [40] per task,
 # TASKS [needle,multikey,vartrack,docqa], SETTING [agnostic], METHODS (aware: full,uniform,pyramid,optimal,
-# optimal-joint; agnostic: full,uniform,optimal,optimal-joint,adaptive,global+heads,adaptive+heads; optimal-joint
-# once the profile is refined), SCORERS (aware: snapkv;
+# optimal-joint; agnostic: full,uniform,optimal,adaptive,global+heads,adaptive+heads,optimal-joint,
+# adaptive-joint+heads; the *-joint ones once the profile is refined), SCORERS (aware: snapkv;
 # agnostic: kvzip), SCORER (calibrate: the profile's scorer; eval: the default SCORERS and profile), RATIOS [0.6,0.8,0.9], PROFILE [the step's own profile; "none" for none], CALIB_CTX [4096],
 # CALIB_SAMPLES [64], REFINE [0.8,0.9] ratios refined (REFINE_SAMPLES [16] of the calibration samples), LIMIT [540] seconds per step, DEVICE [cuda], DEVICES (e.g. 0,1:
 # data-parallel over those GPUs, one worker process each), TORCHRUN (e.g. 2: the same under torchrun, ranks joined
@@ -76,12 +76,14 @@ calibrate)
   ;;
 eval)
   name=${2:?eval NAME}
-  joint=
-  has_refined "$(profile_for "$SETTING")" 2>/dev/null && joint=,optimal-joint  # only once refine has run
+  joint=  # the *-joint splits only once refine has run
+  if has_refined "$(profile_for "$SETTING")" 2>/dev/null; then
+    joint=$([ "$SETTING" = aware ] && echo ,optimal-joint || echo ,optimal-joint,adaptive-joint+heads)
+  fi
   if [ "$SETTING" = aware ]; then
     methods=${METHODS:-full,uniform,pyramid,optimal$joint}
   else
-    methods=${METHODS:-full,uniform,optimal$joint,adaptive,global+heads,adaptive+heads}
+    methods=${METHODS:-full,uniform,optimal,adaptive,global+heads,adaptive+heads$joint}
   fi
   scorers=${SCORERS:-$(scorer_for "$SETTING")}
   profile=${PROFILE:-$(profile_for "$SETTING")}

@@ -120,8 +120,8 @@ def add_press_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", type=Path, default=None, help="calibration profile (from depthkv calibrate)")
     p.add_argument("--strategy", default=None,
                    help="allocator splitting --ratio across layers (uniform, pyramid, mlp, mga, mlma-k, "
-                        "proportional, optimal, optimal-joint; input-adaptive: global, adaptive); default: optimal with "
-                        "--profile, else uniform")
+                        "proportional, optimal, optimal-joint; input-adaptive: global, adaptive, adaptive-joint); "
+                        "default: optimal with --profile, else uniform")
     p.add_argument("--head-budgets", action="store_true",
                    help="also split each layer's budget across its KV heads by their scores (post-prefill only)")
     p.add_argument("--force-profile", action="store_true",

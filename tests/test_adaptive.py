@@ -72,6 +72,37 @@ def test_adaptive_keeps_its_share_of_the_static_optimum(n_layers, n, ratio, shar
         assert b.tokens == opt.tokens
 
 
+@PROPS
+@given(st.integers(2, 8), st.integers(64, 400), st.sampled_from([0.8, 0.9]), st.floats(0.0, 1.0),
+       st.integers(0, 10_000))
+def test_adaptive_joint_keeps_its_share_of_the_refined_split(n_layers, n, ratio, share, seed):
+    """adaptive-joint: exact total, and every layer keeps floor_share of what optimal-joint gives it."""
+    rng = np.random.default_rng(seed)
+    raw = rng.dirichlet(np.ones(n_layers)) * n_layers * (1 - ratio)  # kept shares, mean 1 - ratio
+    view = SensitivityView((0.5, 0.9, 1.0), np.sort(rng.uniform(0, 1, size=(n_layers, 3)), axis=1),
+                           refined={ratio: np.minimum(raw, 1.0).tolist()})
+    if global_budget(n_layers, n, ratio) < n_layers * 20:
+        return
+    try:
+        joint = allocate("optimal-joint", n_layers, n, ratio, sensitivity=view, min_tokens=20)
+    except BudgetError:
+        return
+    b = allocate("adaptive-joint", n_layers, n, ratio, sensitivity=view, scores=_scores(rng, n_layers, 2, n),
+                 min_tokens=20, floor_share=share)
+    assert b.total == joint.total == global_budget(n_layers, n, ratio) and b.strategy == "adaptive-joint"
+    assert all(max(20, int(np.floor(share * j))) <= t <= n for t, j in zip(b.tokens, joint.tokens))
+    if share == 1.0:
+        assert b.tokens == joint.tokens
+
+
+def test_adaptive_joint_refuses_a_ratio_without_refined_shares():
+    view = SensitivityView((0.5, 1.0), np.array([[0.1, 0.2], [0.3, 0.4]]), refined={0.8: [0.1, 0.3]})
+    scores = [np.ones((1, 1, 100))] * 2
+    assert allocate("adaptive-joint", 2, 100, 0.8, sensitivity=view, scores=scores, min_tokens=5).total == 40
+    with pytest.raises(AllocatorError, match="no refined budgets for ratio 0.6"):
+        allocate("adaptive-joint", 2, 100, 0.6, sensitivity=view, scores=scores, min_tokens=5)
+
+
 def test_global_follows_the_scores():
     """A layer whose attention is concentrated on many tokens gets more of them than a flat one."""
     n = 100

@@ -31,9 +31,10 @@ SOLVER = settings(max_examples=200, deadline=None, derandomize=True)
 PROPS = settings(
     max_examples=1000, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
 )
-# optimal-joint serves only the ratios a profile holds refined vectors for, measured independently per
-# ratio (so not monotone across ratios); tests/test_refine.py checks its totals, floors and caps
-NAMES = [n for n in list_allocators() if n != "optimal-joint"]
+# optimal-joint and adaptive-joint serve only the ratios a profile holds refined vectors for, measured
+# independently per ratio (so not monotone across ratios); tests/test_refine.py and tests/test_adaptive.py check
+# their totals, floors and caps
+NAMES = [n for n in list_allocators() if n not in ("optimal-joint", "adaptive-joint")]
 PROBES = (0.1, 0.25, 0.5, 0.6, 0.75, 0.9, 1.0)
 
 

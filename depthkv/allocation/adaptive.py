@@ -10,7 +10,8 @@ many sharply attended ones. Two allocators do that here, both exact in the globa
   goes to the best units of all layers together (``select_top``: exact, monotone in the total).
 * ``adaptive``: the same ranking on top of the calibrated profile (the DepthKV paper's future work): every
   layer first keeps ``floor_share`` of what the static ``optimal`` allocation gives it at this ratio (measured
-  sensitivity is a floor the input cannot overrule), the rest follows the input's ranking.
+  sensitivity is a floor the input cannot overrule), the rest follows the input's ranking;
+  ``adaptive-joint`` takes the floors from the refined ``optimal-joint`` split instead.
 
 Scores are compared as they come (``normalise="none"``; attention-based scorers give probabilities, on one
 scale across layers) or after dividing each layer by its mean score (``normalise="mean"``), which suits
@@ -233,6 +234,18 @@ def allocate_global(
     return ranked_budgets(request, curves, np.full(len(request.free), lo), "global")
 
 
+def _on_static(request: AllocationRequest, static: Budgets, scores, floor_share: float, normalise: str,
+               strategy: str) -> Budgets:
+    """``floor_share`` of the ``static`` split as per-layer floors, the rest by the input's ranking."""
+    if not 0.0 <= floor_share <= 1.0:
+        raise AllocatorError(f"floor_share must lie in [0, 1], got {floor_share}")
+    lo = request.check_feasible(strategy)
+    base = np.asarray(static.tokens, dtype=np.int64)
+    floors = np.maximum(lo, np.floor(floor_share * base[list(request.free)]).astype(np.int64))
+    curves = _rank_curves(scores, normalise, request.free)
+    return ranked_budgets(request, curves, floors, strategy)
+
+
 @register_allocator("adaptive", needs=("degradation", "scores"))
 def allocate_adaptive(
     request: AllocationRequest,
@@ -243,13 +256,25 @@ def allocate_adaptive(
     normalise: str = "none",
 ) -> Budgets:
     """Adaptive: the profile's optimal split as a floor (``floor_share`` of it), the rest by the input's ranking."""
-    if not 0.0 <= floor_share <= 1.0:
-        raise AllocatorError(f"floor_share must lie in [0, 1], got {floor_share}")
-    lo = request.check_feasible("adaptive")
-    static = np.asarray(allocate_optimal(request, sensitivity).tokens, dtype=np.int64)
-    floors = np.maximum(lo, np.floor(floor_share * static[list(request.free)]).astype(np.int64))
-    curves = _rank_curves(scores, normalise, request.free)
-    return ranked_budgets(request, curves, floors, "adaptive")
+    return _on_static(request, allocate_optimal(request, sensitivity), scores, floor_share, normalise, "adaptive")
+
+
+@register_allocator("adaptive-joint", needs=("degradation", "scores"))
+def allocate_adaptive_joint(
+    request: AllocationRequest,
+    sensitivity: SensitivityView | None = None,
+    *,
+    scores,
+    floor_share: float = 0.5,
+    normalise: str = "none",
+) -> Budgets:
+    """Adaptive on the refined split: ``floor_share`` of ``optimal-joint``'s budgets (the vector ``depthkv
+    refine`` stored for this ratio, which accounts for the damage of every layer pruned at once) as floors,
+    the rest by the input's ranking; refuses a ratio the profile was not refined at."""
+    from depthkv.allocation.optimal_joint import allocate_optimal_joint
+
+    static = allocate_optimal_joint(request, sensitivity)
+    return _on_static(request, static, scores, floor_share, normalise, "adaptive-joint")
 
 
 HEAD_SPLIT_STEP = 1 << 24  # score entries per batched device step of ``head_split_layers``: bounds its memory
