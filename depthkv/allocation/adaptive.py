@@ -36,6 +36,7 @@ import torch
 from depthkv.allocation.apportion import fill_ties
 from depthkv.allocation.budgets import BudgetError, Budgets
 from depthkv.allocation.optimal import allocate_optimal
+from depthkv.allocation.optimal_joint import allocate_optimal_joint
 from depthkv.allocation.registry import AllocationRequest, AllocatorError, register_allocator
 from depthkv.allocation.sensitivity import SensitivityView
 
@@ -246,35 +247,33 @@ def _on_static(request: AllocationRequest, static: Budgets, scores, floor_share:
     return ranked_budgets(request, curves, floors, strategy)
 
 
-@register_allocator("adaptive", needs=("degradation", "scores"))
-def allocate_adaptive(
-    request: AllocationRequest,
-    sensitivity: SensitivityView | None = None,
-    *,
-    scores,
-    floor_share: float = 0.5,
-    normalise: str = "none",
-) -> Budgets:
-    """Adaptive: the profile's optimal split as a floor (``floor_share`` of it), the rest by the input's ranking."""
-    return _on_static(request, allocate_optimal(request, sensitivity), scores, floor_share, normalise, "adaptive")
+def _register_on_static(name: str, static_split, doc: str):
+    """Register allocator ``name``: ``floor_share`` of ``static_split(request, sensitivity)`` as per-layer
+    floors, the rest by the input's ranking."""
+
+    def allocate_on_static(
+        request: AllocationRequest,
+        sensitivity: SensitivityView | None = None,
+        *,
+        scores,
+        floor_share: float = 0.5,
+        normalise: str = "none",
+    ) -> Budgets:
+        return _on_static(request, static_split(request, sensitivity), scores, floor_share, normalise, name)
+
+    allocate_on_static.__name__ = allocate_on_static.__qualname__ = f"allocate_{name.replace('-', '_')}"
+    allocate_on_static.__doc__ = doc  # before registering: the registry's summary is its first line
+    return register_allocator(name, needs=("degradation", "scores"))(allocate_on_static)
 
 
-@register_allocator("adaptive-joint", needs=("degradation", "scores"))
-def allocate_adaptive_joint(
-    request: AllocationRequest,
-    sensitivity: SensitivityView | None = None,
-    *,
-    scores,
-    floor_share: float = 0.5,
-    normalise: str = "none",
-) -> Budgets:
-    """Adaptive on the refined split: ``floor_share`` of ``optimal-joint``'s budgets (the vector ``depthkv
-    refine`` stored for this ratio, which accounts for the damage of every layer pruned at once) as floors,
-    the rest by the input's ranking; refuses a ratio the profile was not refined at."""
-    from depthkv.allocation.optimal_joint import allocate_optimal_joint
-
-    static = allocate_optimal_joint(request, sensitivity)
-    return _on_static(request, static, scores, floor_share, normalise, "adaptive-joint")
+allocate_adaptive = _register_on_static(
+    "adaptive", allocate_optimal,
+    "Adaptive: the profile's optimal split as a floor (``floor_share`` of it), the rest by the input's ranking.")
+allocate_adaptive_joint = _register_on_static(
+    "adaptive-joint", allocate_optimal_joint,
+    "Adaptive on the refined split: ``optimal-joint``'s budgets as the floor, the rest by the input's ranking.\n\n"
+    "The floors are ``floor_share`` of the vector ``depthkv refine`` stored for this ratio (which accounts for the\n"
+    "damage of every layer pruned at once); a ratio the profile was not refined at is refused.")
 
 
 HEAD_SPLIT_STEP = 1 << 24  # score entries per batched device step of ``head_split_layers``: bounds its memory
