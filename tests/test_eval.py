@@ -145,6 +145,39 @@ def test_batched_fast_decode_gives_the_rows_of_per_cell_generate(tmp_path, lm):
         config(tmp_path, lm, decode="beam").validate()
 
 
+def test_cells_of_several_samples_share_a_fast_batch(tmp_path, lm, monkeypatch):
+    """Question in the prefill, few cells per sample: the fast path decodes the cells of consecutive samples
+    (same task) as one batch, and every row, summarise's full-cache reference included, is that of
+    model.generate per cell; a new task (another answer budget) starts a new batch."""
+    from depthkv.engine import static
+
+    sizes: list[tuple[str, int]] = []
+
+    def spy(name):
+        real = getattr(static, name)
+
+        def wrapped(model, caches, *a, **k):
+            sizes.append((name, len(caches)))
+            return real(model, caches, *a, **k)
+
+        monkeypatch.setattr(static, name, wrapped)
+
+    spy("fast_generate_rows")  # caches of several prompts
+    spy("fast_generate_caches")  # caches of one prompt
+    kw = dict(tasks=("needle", "summarise"), methods=("full", "uniform", "optimal"), scorers=("snapkv",),
+              ratios=(0.6,), samples=3, settings=("aware",), max_new_tokens=None)
+    hf = run_eval(lm, config(tmp_path, lm, decode="hf", **kw), tmp_path / "hf", progress=False)
+    fast = run_eval(lm, config(tmp_path, lm, decode="fast", decode_batch=7, **kw), tmp_path / "fast",
+                    progress=False)
+    # per task, 3 samples x 3 cells, decode groups of 7 // 3 = 2 samples: samples 1 and 2 together, then 3
+    assert sizes == [("fast_generate_rows", 6), ("fast_generate_caches", 3)] * 2
+    volatile = (*VOLATILE, "decode")
+    drop = lambda rows: {k: {f: v for f, v in r.items() if f not in volatile} for k, r in strip(rows).items()}  # noqa: E731
+    assert drop(fast.rows) == drop(hf.rows)
+    assert [r["sample_id"] for r in fast.rows] == [r["sample_id"] for r in hf.rows]  # same order
+    assert len({r["output"] for r in fast.rows if r["task"] == "needle"}) > 1  # the check has teeth
+
+
 class Interrupt(Exception):
     pass
 

@@ -22,12 +22,15 @@ from depthkv.eval.parallel import Shard, env_shard, local_device, merge_shards, 
 from depthkv.eval.results import CONFIG, RESULTS, EvalError, cell_key, shard_files, shard_path
 
 FIELDS = ("method", "task", "sample_id", "setting", "scorer", "ratio", "output", "score", "budgets")
+# decode_batch 4 with 2 cells per sample: decode groups of two samples (s0 + s1, s2), so the sharded runs
+# below also decode the cells of several samples together
 ARGS = dict(tasks=("needle",), methods=("full", "uniform"), scorers=("snapkv",), ratios=(0.5,), samples=3,
-            context_tokens=160, max_new_tokens=2, settings=("aware",))
+            context_tokens=160, max_new_tokens=2, settings=("aware",), decode_batch=4)
 
 ROOT = Path(__file__).resolve().parent.parent
 ARGV = ["eval", "--tasks", "needle", "--methods", "full,uniform", "--scorers", "snapkv", "--ratios", "0.5",
-        "--samples", "3", "--context-tokens", "160", "--max-new-tokens", "2", "--dtype", "float32", "--no-progress"]
+        "--samples", "3", "--context-tokens", "160", "--max-new-tokens", "2", "--dtype", "float32", "--no-progress",
+        "--decode-batch", "4"]
 
 
 def same(rows):
@@ -80,6 +83,25 @@ def test_shards_partition_the_sorted_samples():
     assert owned[0] == {("a", "a0"), ("a", "a3"), ("b", "b2")}  # round-robin over the sorted list
     with pytest.raises(EvalError, match="not in a world"):
         Shard(2, 2)
+
+
+def test_shards_own_whole_decode_groups():
+    """With decode groups (cells of consecutive samples batched together), each rank owns whole groups, so
+    batches hold the same rows whatever the number of devices."""
+    from depthkv.eval.runner import EvalConfig, batch_groups
+
+    samples = {"b": [SimpleNamespace(id=f"b{i}") for i in range(3)], "a": [SimpleNamespace(id=f"a{i}") for i in range(5)]}
+    cfg = EvalConfig(methods=("full", "uniform", "optimal"), scorers=("snapkv",), ratios=(0.6,), decode_batch=7)
+    groups = batch_groups(cfg, samples)  # 3 cells per sample: groups of 7 // 3 = 2 samples
+    assert groups[("a", "a0")] == groups[("a", "a1")] == ("a", 0) and groups[("a", "a4")] == ("a", 2)
+    assert groups[("b", "b2")] == ("b", 1)
+    owned = [Shard(r, 2).owned(samples, groups) for r in range(2)]
+    assert owned[0].isdisjoint(owned[1]) and len(owned[0] | owned[1]) == 8
+    for mine in owned:
+        assert all({k for k in groups if groups[k] == groups[key]} <= mine for key in mine)  # whole groups
+    assert owned[0] == {("a", "a0"), ("a", "a1"), ("a", "a4"), ("b", "b2")}  # groups a0, a2, b1 (sorted)
+    many = EvalConfig(methods=("full", "uniform", "optimal"), scorers=("snapkv",), ratios=(0.6,), decode_batch=2)
+    assert Shard(0, 3).owned(samples, batch_groups(many, samples)) == Shard(0, 3).owned(samples)  # one per group
 
 
 def test_devices_and_environment():

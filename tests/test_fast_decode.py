@@ -356,6 +356,28 @@ def test_stacked_caches_need_one_prompt(models, ids):
         fast_generate_caches(model, [a.cache, b.cache], ids, 4, logits=torch.cat([a.logits, b.logits]))
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_rows_of_different_prompts_decode_like_each_alone(models, ids, arch):
+    """Caches of DIFFERENT prompts (other lengths and tokens), each covering all of its prompt but the last
+    token, decoded as one batch (fast_generate_rows): each row's tokens are those of its prompt alone."""
+    from depthkv.engine.static import fast_generate_rows
+
+    model = models(arch)
+    gen = torch.Generator().manual_seed(5)
+    other = torch.randint(0, 256, (1, 70), generator=gen).to(ids.device)
+    prompts = [ids, other, ids[:, :81]]
+    comps = [compress(model, ids[:, :-1], (95, 7, 50, 23)), compress(model, other[:, :-1], (8, 69, 8, 40)),
+             compress(model, ids[:, :80], (80,) * 4)]
+    alone = [fast_generate(model, clone_cache(c.cache), p, 12)[0, p.shape[1]:] for c, p in zip(comps, prompts)]
+    assert len({tuple(a.tolist()) for a in alone}) == 3  # the rows differ: the comparison has teeth
+    last = torch.cat([p[:, -1:] for p in prompts])
+    together = fast_generate_rows(model, [clone_cache(c.cache) for c in comps], last, 12)
+    for row, a in zip(together, alone):
+        assert torch.equal(row[:a.shape[0]], a), (row.tolist(), a.tolist())
+    with pytest.raises(FastDecodeError, match=r"last_tokens must be \[3, 1\]"):
+        fast_generate_rows(model, [clone_cache(c.cache) for c in comps], last[:2], 4)
+
+
 @pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_second_gpu_while_the_first_is_current(ids):
     """The Triton kernel and the CUDA graph run on the cache's device even when another one is current."""

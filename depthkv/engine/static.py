@@ -182,8 +182,8 @@ class StaticPrunedCache:
 
     @classmethod
     def from_caches(cls, caches, horizon: int, block: int = 256, consume: bool = True) -> StaticPrunedCache:
-        """One batch row per cache: caches of the same prompt (equal logical length), each pruned its own way
-        (e.g. every method of an evaluation), decoded together."""
+        """One batch row per cache, each pruned its own way (e.g. every method of an evaluation), decoded
+        together; the caches may hold different prompts (each row continues at its own logical length)."""
         obj = cls.__new__(cls)
         obj._build(list(caches), horizon, block, consume, None)
         return obj
@@ -200,10 +200,13 @@ class StaticPrunedCache:
         for c in caches:
             if not c.layers or not all(getattr(x, "is_initialized", False) for x in c.layers):
                 raise FastDecodeError("the cache holds no context: prefill first")
-        logical = {x.get_seq_length() for c in caches for x in c.layers}
-        if len(logical) != 1:
-            raise FastDecodeError(f"layers disagree on the logical length: {sorted(logical)}")
-        self.logical_len = logical.pop()
+        lengths = []  # each cache's logical length: the tokens of its prompt it covers
+        for c in caches:
+            logical = {x.get_seq_length() for x in c.layers}
+            if len(logical) != 1:
+                raise FastDecodeError(f"layers disagree on the logical length: {sorted(logical)}")
+            lengths.append(logical.pop())
+        self.logical_len = max(lengths)
         self.horizon, self.block = int(horizon), int(block)
         ref = caches[0].layers[0].keys
         self.dtype, self.device = ref.dtype, ref.device
@@ -214,7 +217,8 @@ class StaticPrunedCache:
             n_pad = (attention_mask[:, :self.logical_len] == 0).sum(-1)
         else:
             n_pad = torch.zeros(batch, dtype=torch.long, device=self.device)
-        self.start_positions = self.logical_len - n_pad  # RoPE position of each row's next token
+        per_row = torch.tensor([n for n, r in zip(lengths, rows) for _ in range(r)], device=self.device)
+        self.start_positions = per_row - n_pad  # RoPE position of each row's next token
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self._kstore: list[torch.Tensor] = []
@@ -640,11 +644,42 @@ def fast_generate_caches(model: nn.Module, caches, input_ids: torch.Tensor, max_
     if logits is not None and logits.shape[0] == 1:
         logits = logits.expand(len(caches), *logits.shape[1:])
     block = (config or FastConfig()).block
-    done = logical_context(caches[0])
+    lengths = {logical_context(c) for c in caches}
+    if len(lengths) != 1:
+        raise FastDecodeError(f"the caches cover different logical lengths {sorted(lengths)}: these are caches of "
+                              "ONE prompt (several prompts: fast_generate_rows)")
+    done = lengths.pop()
     ids = input_ids.expand(len(caches), -1)
     return _decode(model, lambda horizon: StaticPrunedCache.from_caches(caches, horizon, block=block),
                    done, ids, n_new, logits, config, generate_kwargs)
 
 
+@torch.no_grad()
+def fast_generate_rows(model: nn.Module, caches, last_tokens: torch.Tensor, max_new_tokens: int | None = None, *,
+                       config: FastConfig | None = None, **generate_kwargs) -> torch.Tensor:
+    """Greedy answers of several prompts decoded as one batch: cache ``i`` covers all of its prompt but the last
+    token, ``last_tokens[i]`` ([B, 1]) is that token. Returns the new tokens ``[B, n]``, each row cut after its
+    first end-of-sequence token (then padding) as ``generate`` does; the caches are consumed.
+
+    Each row's tokens are those of :func:`fast_generate` on its own cache and prompt, up to floating-point
+    reduction order (batched matrix products may sum in another order). ``depthkv eval`` decodes the cells of
+    consecutive samples together this way, so few cells per sample still fill a batch.
+    """
+    check_model(model)
+    caches = list(caches)
+    if max_new_tokens is not None:
+        generate_kwargs["max_new_tokens"] = max_new_tokens
+    n_new = check_greedy(model, generate_kwargs)
+    if not caches:
+        raise FastDecodeError("no cache to decode from")
+    rows = sum(c.layers[0].keys.shape[0] for c in caches)
+    if last_tokens.ndim != 2 or tuple(last_tokens.shape) != (rows, 1):
+        raise FastDecodeError(f"last_tokens must be [{rows}, 1] (one per cache row), got {tuple(last_tokens.shape)}")
+    block = (config or FastConfig()).block
+    out = _decode(model, lambda horizon: StaticPrunedCache.from_caches(caches, horizon, block=block),
+                  0, last_tokens, n_new, None, config, generate_kwargs)
+    return out[:, 1:]
+
+
 __all__ = ["FastConfig", "FastDecodeError", "FastDecoder", "StaticPrunedCache", "answers_until_eos", "check_greedy",
-           "check_model", "eos_ids", "fast_generate", "fast_generate_caches"]
+           "check_model", "eos_ids", "fast_generate", "fast_generate_caches", "fast_generate_rows"]

@@ -1,9 +1,10 @@
 """Data-parallel evaluation: the samples of one sweep split over several devices (or processes).
 
 Every cell of a sample depends only on that sample (one prefill per (sample, setting), greedy decoding,
-per-cell seeds), so a sweep shards by sample without changing any row: the sorted list of (task label,
-sample id) is dealt round-robin, rank ``i`` taking every ``world``-th sample with all its settings and
-cells. Each rank writes its own resumable ``DIR/results.rank<i>.jsonl`` (the row format of
+per-cell seeds), so a sweep shards by sample without changing any row: the sorted decode groups of (task
+label, sample id) (``depthkv.eval.runner.batch_groups``: consecutive samples whose cells share fast-path
+batches) are dealt round-robin, rank ``i`` taking every ``world``-th group with all its samples' settings and
+cells; batches never span groups, so each row's batch companions are those of a one-device run. Each rank writes its own resumable ``DIR/results.rank<i>.jsonl`` (the row format of
 ``results.jsonl``); when every shard is complete the shards are merged into ``DIR/results.jsonl`` in the
 order a one-device run writes, and the summary is written from the merged rows.
 
@@ -62,10 +63,15 @@ class Shard:
         if self.world < 1 or not 0 <= self.rank < self.world:
             raise EvalError(f"rank {self.rank} is not in a world of {self.world} processes")
 
-    def owned(self, samples: dict[str, list]) -> set[tuple[str, str]]:
-        """The (task label, sample id) this rank evaluates: round-robin over the sorted sample list."""
+    def owned(self, samples: dict[str, list], groups: dict[tuple[str, str], Any] | None = None
+              ) -> set[tuple[str, str]]:
+        """The (task label, sample id) this rank evaluates: round-robin over the sorted sample list, or, with
+        ``groups`` ((task label, sample id) -> its group), over the sorted groups, so a rank owns whole groups."""
         keys = sorted((label, s.id) for label, group in samples.items() for s in group)
-        return set(keys[self.rank :: self.world])
+        if groups is None:
+            return set(keys[self.rank :: self.world])
+        mine = set(sorted(set(groups.values()))[self.rank :: self.world])
+        return {k for k in keys if groups[k] in mine}
 
     def path(self, folder: str | os.PathLike) -> Path:
         return shard_path(folder, self.rank)

@@ -93,9 +93,10 @@ class EvalConfig:
     attn: str = "sdpa"
     force_profile: bool = False  # use a profile calibrated with another scorer or setting anyway
     # how answers are decoded (neither changes what a cell measures, so neither is part of the run's identity):
-    # "hf": model.generate per cell; "fast": a sample's cells decoded together, ``decode_batch`` at a time, as
-    # one batch of the fixed-shape fast path (depthkv.engine.static: each row keeps its own per-layer and
-    # per-head lengths); "auto": fast for the model families it supports (Llama, Qwen2), else hf
+    # "hf": model.generate per cell; "fast": cells decoded together, ``decode_batch`` at a time, as one batch of
+    # the fixed-shape fast path (depthkv.engine.static: each row keeps its own per-layer and per-head lengths),
+    # the cells of consecutive samples of one decode group too (batch_groups); "auto": fast for the model
+    # families it supports (Llama, Qwen2), else hf
     decode: str = "auto"
     decode_batch: int = 32
 
@@ -423,9 +424,10 @@ class _Prefill:
     setting: str
     n_ctx: int  # prefix tokens in the cache
     full_ids: Any  # [1, T]: the prompt generation starts from
-    scored: Any  # depthkv.engine.ScoredPrefill
+    scored: Any  # depthkv.engine.ScoredPrefill; None once every cell is pruned (frees the full cache)
     seconds: float
     full_bytes: int
+    context_pass_seconds: float = 0.0  # KVzip's context replay, part of ``seconds``
 
 
 def run_eval(
@@ -457,9 +459,11 @@ def run_eval(
     if shard is None and shard_files(sweep.folder):  # a data-parallel run continued on one device
         merge_shards(sweep.folder, cfg)
     new_rows = prefills = 0
+    owned = shard.owned(sweep.samples, batch_groups(cfg, sweep.samples)) if shard is not None else None
+    if owned is not None and not owned:  # more ranks than decode groups: nothing here (and no shard file)
+        return EvalRun(sweep.folder, [], 0, 0, 0, time.perf_counter() - t_start)
     with ResultsWriter(sweep.folder / RESULTS if shard is None else shard.path(sweep.folder)) as writer:
         earlier = other_rows(sweep.folder, shard) if shard is not None else []
-        owned = shard.owned(sweep.samples) if shard is not None else None
         todo, skipped = _pending(sweep, writer.done | {row_key(r) for r in earlier}, owned)
         n_left = sum(len(left) for *_, left in todo)
         if skipped:
@@ -468,18 +472,18 @@ def run_eval(
         bar = tqdm(total=n_left, desc="eval" if shard is None else f"eval[{shard.rank}]", unit="cell",
                    disable=not progress, dynamic_ncols=True, mininterval=1.0, file=sys.stderr,
                    position=shard.rank if shard is not None else None)
+        def started(label: str, setting: str) -> None:
+            nonlocal prefills
+            prefills += 1
+            bar.set_postfix_str(f"{label} {setting}", refresh=False)
+
         try:
-            for label, sample, setting, left in todo:
-                bar.set_postfix_str(f"{label} {setting}", refresh=False)
-                pf = _prefill(sweep, label, sample, setting)
-                prefills += 1
-                for row in _cell_rows(sweep, pf, left, full_out):
-                    writer.append(row)
-                    new_rows += 1
-                    bar.update(1)
-                    if on_row:
-                        on_row(row)
-                del pf  # free the full cache before the next prefill
+            for row in _sweep_rows(sweep, todo, full_out, started):
+                writer.append(row)
+                new_rows += 1
+                bar.update(1)
+                if on_row:
+                    on_row(row)
         finally:
             bar.close()
         rows = list(writer.rows)
@@ -588,6 +592,22 @@ def _load_profile(cfg: EvalConfig, identity: dict[str, Any], sha256: str | None)
     return profile, view, info
 
 
+GROUP_TOKENS = 1 << 17  # context tokens of the samples whose caches may wait together for one batch (memory)
+
+
+def batch_groups(cfg: EvalConfig, samples: dict[str, list]) -> dict[tuple[str, str], tuple[str, int]]:
+    """(task label, sample id) -> its decode group: runs of consecutive samples of one task, as many as fill
+    one fast-path batch with every cell of the grid (``decode_batch // cells``, at least one sample; at most
+    ``GROUP_TOKENS // context_tokens``, which bounds the caches held while a batch fills).
+
+    The cells of one group may share a batch, those of two groups never, and data-parallel shards own whole
+    groups (:meth:`Shard.owned`): which rows share a batch (and so the floating-point order of their
+    batched products) does not depend on how many devices run the sweep.
+    """
+    per = max(1, min(cfg.decode_batch // max(1, len(cells_for(cfg))), GROUP_TOKENS // max(1, cfg.context_tokens)))
+    return {(label, s.id): (label, i // per) for label, group in samples.items() for i, s in enumerate(group)}
+
+
 def _pending(sweep: _Sweep, done: set[str], owned: set[tuple[str, str]] | None = None,
              ) -> tuple[list[tuple[str, Any, str, list[Cell]]], int]:
     """The (task label, sample, setting, cells not yet in the folder) still to run, in sweep order, and how
@@ -622,7 +642,8 @@ def _prefill(sweep: _Sweep, label: str, sample, setting: str) -> _Prefill:
     t0 = time.perf_counter()
     sp = score_prefill(sweep.model, prefix, sweep.scorers, sweep.protection)
     seconds = time.perf_counter() - t0  # KVzip's context replay included
-    return _Prefill(label, sample, setting, int(prefix.shape[1]), full_ids, sp, seconds, kv_bytes(sp.cache))
+    replay = sp.context_pass.seconds if sp.context_pass else 0.0
+    return _Prefill(label, sample, setting, int(prefix.shape[1]), full_ids, sp, seconds, kv_bytes(sp.cache), replay)
 
 
 @dataclass
@@ -636,38 +657,67 @@ class _Pending:
     seconds: float = 0.0  # pruning time (the decode's share is added when the answer is in)
 
 
-def _cell_rows(sweep: _Sweep, pf: _Prefill, cells: Sequence[Cell], full_out: dict[tuple[str, str], str]):
-    """The rows of ``cells`` of one prefilled sample, in order (``full`` first).
+def _sweep_rows(sweep: _Sweep, todo, full_out: dict[tuple[str, str], str], started: Callable[[str, str], None]):
+    """The rows of every pending (sample, setting) of ``todo``, in order (each sample's ``full`` cell first);
+    ``started(label, setting)`` is called before each prefill.
 
-    ``hf``: each cell pruned, decoded with ``model.generate`` and scored before the next. ``fast``: up to
-    ``decode_batch`` cells pruned, then decoded together as one batch of the fast path; each row's ``seconds``
-    is its pruning plus an equal share of the batch's decode.
+    ``hf``: each cell pruned, decoded with ``model.generate`` and scored before the next. ``fast``: cells are
+    pruned and decoded together, up to ``decode_batch`` caches per batch of the fast path; the cells of
+    consecutive samples of one :func:`batch_groups` group share a batch when each prompt has one token left to
+    feed (question in the prefill), so a sweep with few cells per sample still fills its batches.
+    Each row's ``seconds`` is its pruning plus an equal share of its batch's decode.
     """
     if sweep.decoder == "hf":
-        for cell in cells:
-            job = _prepare(sweep, pf, cell)
-            if job.cache is not None:
-                t0 = time.perf_counter()
-                seed = _seed_for(sweep.cfg.seed, pf.sample.id, pf.setting, cell.method, cell.scorer, cell.ratio)
-                text, n_new = _decode(sweep, job.cache, pf.full_ids, job.row["max_new_tokens"], seed)
-                job.seconds += time.perf_counter() - t0
-                job.cache = None
-                _finish_row(sweep, pf, job, text, n_new, full_out)
-            yield job.row
+        for label, sample, setting, left in todo:
+            started(label, setting)
+            pf = _prefill(sweep, label, sample, setting)
+            for cell in left:
+                job = _prepare(sweep, pf, cell)
+                if job.cache is not None:
+                    t0 = time.perf_counter()
+                    seed = _seed_for(sweep.cfg.seed, pf.sample.id, pf.setting, cell.method, cell.scorer, cell.ratio)
+                    text, n_new = _decode(sweep, job.cache, pf.full_ids, job.row["max_new_tokens"], seed)
+                    job.seconds += time.perf_counter() - t0
+                    job.cache = None
+                    _finish_row(sweep, pf, job, text, n_new, full_out)
+                yield job.row
+            del pf  # free the full cache before the next prefill
         return
-    size = sweep.cfg.decode_batch
-    for start in range(0, len(cells), size):
-        jobs = [_prepare(sweep, pf, cell) for cell in cells[start:start + size]]
-        live = [j for j in jobs if j.cache is not None]
+    batch: list[tuple[_Prefill, _Pending]] = []  # cells pruned, waiting for their batch's decode (in order)
+    groups = batch_groups(sweep.cfg, sweep.samples)
+    joins: tuple | None = None  # the group of the open batch (None: it cannot take another sample's cells)
+
+    def flush() -> list[dict]:
+        live = [(pf, job) for pf, job in batch if job.cache is not None]
         if live:
             t0 = time.perf_counter()
-            answers = _decode_together(sweep, [j.cache for j in live], pf, live[0].row["max_new_tokens"])
+            answers = _decode_batch(sweep, live)
             share = (time.perf_counter() - t0) / len(live)
-            for job, (text, n_new) in zip(live, answers):
+            for (pf, job), (text, n_new) in zip(live, answers):
                 job.seconds += share
                 job.cache = None
                 _finish_row(sweep, pf, job, text, n_new, full_out)
-        yield from (j.row for j in jobs)
+        rows = [job.row for _, job in batch]
+        batch.clear()  # the prefills (full caches) of finished samples are freed with their jobs
+        return rows
+
+    for label, sample, setting, left in todo:
+        started(label, setting)
+        pf = _prefill(sweep, label, sample, setting)
+        one_token = int(pf.full_ids.shape[1]) - pf.n_ctx == 1  # the prompt's last token is all it feeds
+        key = groups[(label, sample.id)] if one_token else None
+        if batch and (key is None or key != joins):
+            yield from flush()
+        for cell in left:
+            batch.append((pf, _prepare(sweep, pf, cell)))
+            if sum(job.cache is not None for _, job in batch) >= sweep.cfg.decode_batch:
+                yield from flush()
+        pf.scored = None  # every cell is pruned: the full cache and the scores are not needed while it waits
+        joins = key
+        if key is None:
+            yield from flush()
+        del pf
+    yield from flush()
 
 
 def _prepare(sweep: _Sweep, pf: _Prefill, cell: Cell) -> _Pending:
@@ -721,7 +771,7 @@ def _finish_row(sweep: _Sweep, pf: _Prefill, job: _Pending, text: str, n_new: in
         kv_bytes_kept=kept, kv_bytes_full=pf.full_bytes, kv_share=kept / pf.full_bytes, output=text,
         metrics=metrics, score=metrics[row["primary"]], new_tokens=n_new, seconds=job.seconds,
         prefill_seconds=pf.seconds,
-        context_pass_seconds=pf.scored.context_pass.seconds if pf.scored.context_pass else 0.0,
+        context_pass_seconds=pf.context_pass_seconds,
     )
     if ref is not None:
         row["reference"] = ref
@@ -744,13 +794,26 @@ def _decode(sweep: _Sweep, cache, full_ids, max_new: int, seed: int) -> tuple[st
     return sweep.tokenizer.decode(new, skip_special_tokens=True).strip(), int(new.shape[0])
 
 
-def _decode_together(sweep: _Sweep, caches: list, pf: _Prefill, max_new: int) -> list[tuple[str, int]]:
-    """Greedy answers of several pruned caches of one prompt, decoded as one fast-path batch: (text, new
-    tokens) per cache, each cut after its first end-of-sequence token as ``generate`` stops there."""
-    from depthkv.engine.static import answers_until_eos, eos_ids, fast_generate_caches
+def _decode_batch(sweep: _Sweep, live: list[tuple[_Prefill, _Pending]]) -> list[tuple[str, int]]:
+    """Greedy answers of pruned caches decoded as one fast-path batch: (text, new tokens) per cache, each cut
+    after its first end-of-sequence token as ``generate`` stops there. Caches of one prompt feed what follows
+    the cache (the question, in the query-agnostic setting); caches of several prompts (same answer budget)
+    each feed their prompt's last token."""
+    import torch
 
-    out = fast_generate_caches(sweep.model, caches, pf.full_ids, max_new, do_sample=False, pad_token_id=sweep.pad)
-    rows = answers_until_eos(out, pf.full_ids.shape[1], eos_ids(sweep.model, {}))
+    from depthkv.engine.static import answers_until_eos, eos_ids, fast_generate_caches, fast_generate_rows
+
+    pf0 = live[0][0]
+    caches = [job.cache for _, job in live]
+    max_new = live[0][1].row["max_new_tokens"]
+    if all(pf is pf0 for pf, _ in live):
+        out = fast_generate_caches(sweep.model, caches, pf0.full_ids, max_new, do_sample=False, pad_token_id=sweep.pad)
+        prompt_len = int(pf0.full_ids.shape[1])
+    else:
+        last = torch.cat([pf.full_ids[:, -1:] for pf, _ in live])
+        out = fast_generate_rows(sweep.model, caches, last, max_new, do_sample=False, pad_token_id=sweep.pad)
+        prompt_len = 0
+    rows = answers_until_eos(out, prompt_len, eos_ids(sweep.model, {}))
     return [(sweep.tokenizer.decode(row, skip_special_tokens=True).strip(), len(row)) for row in rows]
 
 
