@@ -258,6 +258,36 @@ def _naive_attention(q, k, scaling):
     return torch.softmax(logits.masked_fill(causal, float("-inf")), -1)  # [B, H, Q, K]
 
 
+def test_h2o_variants_of_one_forward_share_one_attention_pass(tiny_models, monkeypatch):
+    """H2O and H2O with values scored in one prefill compute the attention of every query once per layer,
+    and each gives the scores it gives alone; a padded batch scores each sequence on its own."""
+    from depthkv.scorers import h2o as h2o_module
+
+    model = tiny_models("llama", "sdpa")
+    ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(2))
+    calls = []
+    real = h2o_module.attention_blocks
+
+    def counting(x, *a, **k):
+        calls.append(x.layer_idx)
+        return real(x, *a, **k)
+
+    monkeypatch.setattr(h2o_module, "attention_blocks", counting)
+    both = score_prefill(model, ids, [get_scorer("h2o"), get_scorer("h2o_v1"), get_scorer("h2o_v2")])
+    assert sorted(calls) == sorted(list(range(4)) * 2)  # per layer one pass per sequence, for the three scorers
+    calls.clear()
+    for name in ("h2o", "h2o_v1", "h2o_v2"):
+        alone = score_prefill(model, ids, [get_scorer(name)])
+        for a, b in zip(alone.scores[name], both.scores[name]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    mask = torch.ones(2, 48, dtype=torch.long)
+    mask[1, :5] = 0  # left padding: per-sequence views must not reuse the whole batch's mass
+    padded = score_prefill(model, ids, [get_scorer("h2o"), get_scorer("h2o_v1")], attention_mask=mask)
+    single = score_prefill(model, ids[1:, 5:], [get_scorer("h2o_v1")])
+    for a, b in zip(padded.scores["h2o_v1"], single.scores["h2o_v1"]):
+        torch.testing.assert_close(a[1:, :, 5:], b)
+
+
 def test_h2o_and_snapkv_match_naive_formulas():
     torch.manual_seed(0)
     q, k, v = torch.randn(1, 4, 40, 8), torch.randn(1, 2, 50, 8), torch.randn(1, 2, 50, 8)

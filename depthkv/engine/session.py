@@ -448,14 +448,15 @@ def score_sequences(scorer: Scorer, x: ScoreInputs, n_pad: torch.Tensor | None) 
     """
     if n_pad is None:
         return scorer.score(x).float()
-    n_keys, n_query = x.key.shape[-2], x.query.shape[-2]
-    rows = []
-    for b, p in enumerate(int(p) for p in n_pad):
-        own = dataclasses.replace(x, query=x.query[b:b + 1, :, max(0, p - (n_keys - n_query)):],
-                                  key=x.key[b:b + 1, :, p:], value=x.value[b:b + 1, :, p:],
-                                  positions=x.positions[b:b + 1, :, p:] - p)
-        rows.append(F.pad(scorer.score(own).float(), (p, 0), value=float("-inf")))
-    return torch.cat(rows)
+    pads = tuple(int(p) for p in n_pad)
+    views = x.memo.get(("sequences", pads))  # one view per sequence, shared by the scorers of this forward
+    if views is None:
+        n_keys, n_query = x.key.shape[-2], x.query.shape[-2]
+        views = [dataclasses.replace(x, query=x.query[b:b + 1, :, max(0, p - (n_keys - n_query)):],
+                                     key=x.key[b:b + 1, :, p:], value=x.value[b:b + 1, :, p:],
+                                     positions=x.positions[b:b + 1, :, p:] - p) for b, p in enumerate(pads)]
+        x.memo[("sequences", pads)] = views
+    return torch.cat([F.pad(scorer.score(own).float(), (p, 0), value=float("-inf")) for own, p in zip(views, pads)])
 
 
 def rope_inv_freq(model: nn.Module) -> torch.Tensor | None:

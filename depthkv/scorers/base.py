@@ -15,8 +15,8 @@ Two kinds of scorer exist:
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 
@@ -31,6 +31,9 @@ class ScoreInputs:
     layer_idx: int
     inv_freq: torch.Tensor | None = None  # [d/2] RoPE inverse frequencies of the model (None: unknown)
     n_context: int | None = None  # context-pass forwards: keys [0, n_context) are the context being scored
+    # results several scorers of one forward share (e.g. H2O's attention mass, which H2O with values reuses);
+    # not copied by dataclasses.replace, so a per-sequence view starts empty
+    memo: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
 
 class Scorer:

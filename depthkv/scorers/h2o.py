@@ -15,7 +15,13 @@ from depthkv.scorers.base import ScoreInputs, Scorer, attention_blocks
 
 
 def later_attention_mass(x: ScoreInputs) -> torch.Tensor:
-    """sum over later queries of alpha_ij, mean over the query group: [B, KVH, K] (float32)."""
+    """sum over later queries of alpha_ij, mean over the query group: [B, KVH, K] (float32).
+
+    Computed once per forward and layer (``x.memo``): H2O and H2O with values, scored together, share it
+    (the causal attention of every query is the costly part, quadratic in the context)."""
+    hit = x.memo.get("later_attention_mass")
+    if hit is not None:
+        return hit
     b, kvh, nk = x.key.shape[0], x.key.shape[1], x.key.shape[2]
     nq = x.query.shape[2]
     total = torch.zeros(b, kvh, nk, dtype=torch.float32, device=x.key.device)
@@ -24,6 +30,7 @@ def later_attention_mass(x: ScoreInputs) -> torch.Tensor:
         diag = probs[..., torch.arange(i1 - i0, device=x.key.device), self_idx]  # [B,KVH,G,blk]
         total += probs.sum(dim=3).mean(dim=2)
         total.index_add_(2, self_idx, -diag.mean(dim=2))
+    x.memo["later_attention_mass"] = total
     return total
 
 
