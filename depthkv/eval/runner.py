@@ -702,12 +702,13 @@ def _sweep_rows(sweep: _Sweep, todo, full_out: dict[tuple[str, str], str], start
         return rows
 
     for label, sample, setting, left in todo:
+        # question in the prefill: the prompt's last token is all a cache still feeds (prompt_ids), so caches
+        # of several prompts decode together; query-agnostic caches feed their question, one prompt per batch
+        key = groups[(label, sample.id)] if setting == "aware" else None
+        if batch and (key is None or key != joins):
+            yield from flush()  # before the next prefill: its full cache and this batch are not held together
         started(label, setting)
         pf = _prefill(sweep, label, sample, setting)
-        one_token = int(pf.full_ids.shape[1]) - pf.n_ctx == 1  # the prompt's last token is all it feeds
-        key = groups[(label, sample.id)] if one_token else None
-        if batch and (key is None or key != joins):
-            yield from flush()
         for cell in left:
             batch.append((pf, _prepare(sweep, pf, cell)))
             if sum(job.cache is not None for _, job in batch) >= sweep.cfg.decode_batch:
@@ -810,6 +811,8 @@ def _decode_batch(sweep: _Sweep, live: list[tuple[_Prefill, _Pending]]) -> list[
         out = fast_generate_caches(sweep.model, caches, pf0.full_ids, max_new, do_sample=False, pad_token_id=sweep.pad)
         prompt_len = int(pf0.full_ids.shape[1])
     else:
+        if any(int(pf.full_ids.shape[1]) != pf.n_ctx + 1 for pf, _ in live):  # prompt_ids' aware split
+            raise EvalError("caches of several prompts decode together only when each feeds its last token")
         last = torch.cat([pf.full_ids[:, -1:] for pf, _ in live])
         out = fast_generate_rows(sweep.model, caches, last, max_new, do_sample=False, pad_token_id=sweep.pad)
         prompt_len = 0
