@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from depthkv.scorers import column_kernel
 from depthkv.scorers.base import ScoreInputs, Scorer, attention_blocks
 
 
@@ -18,10 +19,15 @@ def later_attention_mass(x: ScoreInputs) -> torch.Tensor:
     """sum over later queries of alpha_ij, mean over the query group: [B, KVH, K] (float32).
 
     Computed once per forward and layer (``x.memo``): H2O and H2O with values, scored together, share it
-    (the causal attention of every query is the costly part, quadratic in the context)."""
+    (the causal attention of every query is the costly part, quadratic in the context). On CUDA a fused
+    Triton kernel computes it without materialising the probabilities (``column_kernel``)."""
     hit = x.memo.get("later_attention_mass")
     if hit is not None:
         return hit
+    if column_kernel.usable(x):
+        total = column_kernel.later_attention_mass_fused(x)
+        x.memo["later_attention_mass"] = total
+        return total
     b, kvh, nk = x.key.shape[0], x.key.shape[1], x.key.shape[2]
     nq = x.query.shape[2]
     total = torch.zeros(b, kvh, nk, dtype=torch.float32, device=x.key.device)

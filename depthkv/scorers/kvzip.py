@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from depthkv.scorers import column_kernel
 from depthkv.scorers.base import ScoreInputs, Scorer, attention_blocks
 
 FIRST_PROMPT = "\n\nRepeat the previous context exactly."
@@ -81,6 +82,8 @@ class KVzip(Scorer):
         if x.n_context is None:
             raise ValueError("KVzip scores context keys from a reconstruction pass; n_context is missing")
         n = x.n_context
+        if column_kernel.usable(x):  # CUDA: fused Triton kernel, no probability matrix in memory
+            return span_max_pool(column_kernel.max_attention_fused(x, n), self.kernel)
         best = torch.zeros(x.key.shape[0], x.key.shape[1], n, dtype=torch.float32, device=x.key.device)
         for _, _, probs in attention_blocks(x):
             best = torch.maximum(best, probs[..., :n].amax(dim=(2, 3)))
