@@ -24,8 +24,8 @@
 # agnostic: kvzip), SCORER (calibrate: the profile's scorer; eval: the default SCORERS and profile), RATIOS [0.6,0.8,0.9], PROFILE [the step's own profile; "none" for none], CALIB_CTX [4096],
 # CALIB_SAMPLES [64], REFINE [0.8,0.9] ratios refined (REFINE_SAMPLES [16] of the calibration samples), LIMIT [540] seconds per step, DEVICE [cuda], DEVICES (e.g. 0,1:
 # data-parallel over those GPUs, one worker process each), TORCHRUN (e.g. 2: the same under torchrun, ranks joined
-# by an NCCL group), DECODE_BATCH [48] cells decoded together (one fast-path batch; with the question in the prefill it also
-# takes the cells of consecutive samples), NO_PROXY [unset]
+# by an NCCL group), DECODE_BATCH [48] cells decoded together (one fast-path batch, which also takes the cells of
+# consecutive samples), NO_PROXY [unset]
 # (set: the profile skips the paper's proxy metrics, which the mga and mlma allocators read), TASK_OPTIONS (eval:
 # the generators' options as JSON, e.g. '{"gsm_inf": {"num_distractors": 4}}'; METHODS=full PROFILE=none for a
 # full-cache difficulty probe).

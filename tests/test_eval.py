@@ -145,10 +145,12 @@ def test_batched_fast_decode_gives_the_rows_of_per_cell_generate(tmp_path, lm):
         config(tmp_path, lm, decode="beam").validate()
 
 
-def test_cells_of_several_samples_share_a_fast_batch(tmp_path, lm, monkeypatch):
-    """Question in the prefill, few cells per sample: the fast path decodes the cells of consecutive samples
-    (same task) as one batch, and every row, summarise's full-cache reference included, is that of
-    model.generate per cell; a new task (another answer budget) starts a new batch."""
+@pytest.mark.parametrize("setting", ["aware", "agnostic"])
+def test_cells_of_several_samples_share_a_fast_batch(tmp_path, lm, monkeypatch, setting):
+    """Few cells per sample: the fast path decodes the cells of consecutive samples (same task) as one batch
+    (each cache feeding its last token, or its whole question after a query-agnostic compression), and every
+    row, summarise's full-cache reference included, is that of model.generate per cell; a new task starts a new
+    batch."""
     from depthkv.engine import static
 
     sizes: list[tuple[str, int]] = []
@@ -165,7 +167,7 @@ def test_cells_of_several_samples_share_a_fast_batch(tmp_path, lm, monkeypatch):
     spy("fast_generate_rows")  # caches of several prompts
     spy("fast_generate_caches")  # caches of one prompt
     kw = dict(tasks=("needle", "summarise"), methods=("full", "uniform", "optimal"), scorers=("snapkv",),
-              ratios=(0.6,), samples=3, settings=("aware",), max_new_tokens=None)
+              ratios=(0.6,), samples=3, settings=(setting,), max_new_tokens=None)
     hf = run_eval(lm, config(tmp_path, lm, decode="hf", **kw), tmp_path / "hf", progress=False)
     fast = run_eval(lm, config(tmp_path, lm, decode="fast", decode_batch=7, **kw), tmp_path / "fast",
                     progress=False)

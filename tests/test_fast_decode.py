@@ -370,12 +370,36 @@ def test_rows_of_different_prompts_decode_like_each_alone(models, ids, arch):
              compress(model, ids[:, :80], (80,) * 4)]
     alone = [fast_generate(model, clone_cache(c.cache), p, 12)[0, p.shape[1]:] for c, p in zip(comps, prompts)]
     assert len({tuple(a.tolist()) for a in alone}) == 3  # the rows differ: the comparison has teeth
-    last = torch.cat([p[:, -1:] for p in prompts])
-    together = fast_generate_rows(model, [clone_cache(c.cache) for c in comps], last, 12)
+    together = fast_generate_rows(model, [clone_cache(c.cache) for c in comps], [p[:, -1:] for p in prompts], 12)
     for row, a in zip(together, alone):
         assert torch.equal(row[:a.shape[0]], a), (row.tolist(), a.tolist())
-    with pytest.raises(FastDecodeError, match=r"last_tokens must be \[3, 1\]"):
-        fast_generate_rows(model, [clone_cache(c.cache) for c in comps], last[:2], 4)
+    with pytest.raises(FastDecodeError, match="feeds must be one"):
+        fast_generate_rows(model, [clone_cache(c.cache) for c in comps], [p[:, -1:] for p in prompts[:2]], 4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("stop", [0, 4])
+def test_rows_with_feeds_of_different_lengths(models, ids, arch, stop):
+    """Caches that still have to be fed 1, 6 and 11 tokens of their prompts (a question each, as after a
+    query-agnostic compression) decode together: each row's tokens are those of its prompt alone, with and
+    without the early stop (every row's EOS is a token its own greedy continuation produces)."""
+    from depthkv.engine.static import fast_generate_rows
+
+    model = models(arch)
+    cuts = (95, 90, 85)
+    comps = [compress(model, ids[:, :n], (n, 7, 40, 23)) for n in cuts]
+    alone = [fast_generate(model, clone_cache(c.cache), ids, 12, eos_token_id=None)[0, N:] for c in comps]
+    assert len({tuple(a.tolist()) for a in alone}) > 1
+    eos = [int(alone[0][3]), int(alone[2][6])]
+    want = [fast_generate(model, clone_cache(c.cache), ids, 12, eos_token_id=eos, pad_token_id=0)[0, N:]
+            for c in comps]
+    cfg = FastConfig(attention="split", block=16, stop_check=stop)
+    together = fast_generate_rows(model, [clone_cache(c.cache) for c in comps], [ids[:, n:] for n in cuts], 12,
+                                  config=cfg, eos_token_id=eos, pad_token_id=0)
+    for row, w in zip(together, want):
+        n = min(row.shape[0], w.shape[0])
+        assert torch.equal(row[:n], w[:n]) and bool((row[n:] == 0).all()) and bool((w[n:] == 0).all()), (
+            row.tolist(), w.tolist())
 
 
 @pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.device_count() < 2, reason="needs two CUDA devices")

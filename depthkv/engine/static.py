@@ -463,10 +463,13 @@ class FastDecoder:
 
     @torch.no_grad()
     def run(self, feed: torch.Tensor, n_new: int, eos: Sequence[int] = (),
-            ended: torch.Tensor | None = None) -> torch.Tensor:
+            ended: torch.Tensor | None = None, feed_lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Feed ``feed`` ([B, k] tokens not yet in the cache) then decode greedily; return the new tokens.
 
         The first new token is the argmax after the last fed token. Needs ``horizon >= k + n_new - 1``.
+        ``feed_lengths`` ([B], 1..k): row b feeds only ``feed[b, :feed_lengths[b]]`` (right padding ignored) and
+        starts generating after it, so rows of different prompts (a question each) decode together; every row
+        still gets its own ``n_new`` tokens, aligned from column 0 of the result.
         Without ``eos`` (or with ``config.stop_check == 0``) all ``n_new`` tokens are decoded. With ``eos``
         (end-of-sequence ids) decoding stops, as ``generate`` does, once every row has produced one of them:
         every ``config.stop_check`` new tokens the written tokens are checked, so the result may hold fewer
@@ -475,31 +478,51 @@ class FastDecoder:
         that already ended before these tokens (e.g. on a first token taken from prefill logits): those
         count as finished, and if all have, no step is run. ``steps_done`` counts the steps actually run.
         """
-        k = feed.shape[1]
+        b, k = feed.shape
         total = k + n_new - 1
         if total > self.cache.horizon - self.steps_done:
             raise FastDecodeError(f"{total} decode steps requested, buffers hold {self.cache.horizon - self.steps_done}")
+        dev = self.out.device
         feed = feed.to(self.token.device)
         start = self.steps_done
-        first = start + k - 1  # the slot of ``out`` holding the first new token
+        if feed_lengths is None:
+            lens = None
+            firsts = torch.full((b,), start + k - 1, dtype=torch.long, device=dev)
+        else:
+            lens = feed_lengths.to(device=dev, dtype=torch.long).reshape(-1)
+            if lens.shape[0] != b or bool((lens < 1).any()) or bool((lens > k).any()):
+                raise FastDecodeError(f"feed_lengths must hold {b} lengths in [1, {k}]")
+            firsts = start + lens - 1  # the slot of ``out`` holding each row's first new token
+        lo = int(firsts.min())
         every = self.config.stop_check if len(eos) else 0
         if every:
-            stop_ids = torch.tensor(list(eos), dtype=torch.long, device=self.out.device)
-            done = torch.zeros(self.out.shape[0], dtype=torch.bool, device=self.out.device)
+            stop_ids = torch.tensor(list(eos), dtype=torch.long, device=dev)
+            done = torch.zeros(b, dtype=torch.bool, device=dev)
             if ended is not None:
-                done |= ended.to(device=done.device, dtype=torch.bool).reshape(-1)
-            checked = first  # tokens of ``out`` before this slot have been folded into ``done``
+                done |= ended.to(device=dev, dtype=torch.bool).reshape(-1)
+            checked = lo  # tokens of ``out`` before this slot have been folded into ``done``
         for i in range(total):
-            produced = i - k + 1  # new tokens written so far
+            produced = i - k + 1  # new tokens written so far by the row with the longest feed
             if every and produced >= 0 and produced % every == 0 and (produced or ended is not None):
-                done |= torch.isin(self.out[:, checked:start + i], stop_ids).any(1)
+                slots = torch.arange(checked, start + i, device=dev)
+                fresh = torch.isin(self.out[:, checked:start + i], stop_ids) & (slots[None, :] >= firsts[:, None])
+                done |= fresh.any(1)
                 checked = start + i
                 if bool(done.all()):  # the one device-to-host sync of a check
-                    return self.out[:, first:start + i]
+                    return self._aligned(firsts, start + i - lo, start + i)
             if i < k:
-                self.token.copy_(feed[:, i:i + 1])
+                if lens is None:
+                    self.token.copy_(feed[:, i:i + 1])
+                else:  # a row past its own feed keeps the token it generated
+                    self.token.copy_(torch.where((lens > i)[:, None], feed[:, i:i + 1], self.token))
             self._one()
-        return self.out[:, first:start + total]
+        return self._aligned(firsts, n_new, start + total)
+
+    def _aligned(self, firsts: torch.Tensor, width: int, end: int) -> torch.Tensor:
+        """Each row's tokens from its first new one, ``width`` columns, [B, width]; slots at or past ``end`` (not
+        written yet, only ever after a row's EOS) repeat the last written one."""
+        cols = (firsts[:, None] + torch.arange(width, device=firsts.device)).clamp(max=max(end - 1, 0))
+        return self.out.gather(1, cols)
 
     def _one(self) -> None:
         if self.cuda:  # kernels, streams and the graph belong to the cache's device, not the current one
@@ -655,11 +678,12 @@ def fast_generate_caches(model: nn.Module, caches, input_ids: torch.Tensor, max_
 
 
 @torch.no_grad()
-def fast_generate_rows(model: nn.Module, caches, last_tokens: torch.Tensor, max_new_tokens: int | None = None, *,
+def fast_generate_rows(model: nn.Module, caches, feeds: Sequence[torch.Tensor], max_new_tokens: int | None = None, *,
                        config: FastConfig | None = None, **generate_kwargs) -> torch.Tensor:
-    """Greedy answers of several prompts decoded as one batch: cache ``i`` covers all of its prompt but the last
-    token, ``last_tokens[i]`` ([B, 1]) is that token. Returns the new tokens ``[B, n]``, each row cut after its
-    first end-of-sequence token (then padding) as ``generate`` does; the caches are consumed.
+    """Greedy answers of several prompts decoded as one batch: cache ``i`` holds the start of prompt ``i`` and
+    ``feeds[i]`` (``[1, k_i]``, ``k_i >= 1``) the rest of it (its last token, or a question asked after the
+    context was compressed). Returns the new tokens ``[B, n]``, each row cut after its first end-of-sequence
+    token (then padding) as ``generate`` does; the caches are consumed.
 
     Each row's tokens are those of :func:`fast_generate` on its own cache and prompt, up to floating-point
     reduction order (batched matrix products may sum in another order). ``depthkv eval`` decodes the cells of
@@ -672,13 +696,21 @@ def fast_generate_rows(model: nn.Module, caches, last_tokens: torch.Tensor, max_
     n_new = check_greedy(model, generate_kwargs)
     if not caches:
         raise FastDecodeError("no cache to decode from")
-    rows = sum(c.layers[0].keys.shape[0] for c in caches)
-    if last_tokens.ndim != 2 or tuple(last_tokens.shape) != (rows, 1):
-        raise FastDecodeError(f"last_tokens must be [{rows}, 1] (one per cache row), got {tuple(last_tokens.shape)}")
+    rows = [c.layers[0].keys.shape[0] for c in caches]
+    if len(feeds) != len(caches) or any(f.ndim != 2 or f.shape[0] != r or f.shape[1] < 1
+                                        for f, r in zip(feeds, rows)):
+        raise FastDecodeError(f"feeds must be one [rows, k >= 1] tensor per cache ({len(caches)} caches), got "
+                              f"{[tuple(f.shape) for f in feeds]}")
+    k = max(int(f.shape[1]) for f in feeds)
+    feed = torch.cat([torch.nn.functional.pad(f, (0, k - f.shape[1])) for f in feeds])
+    lengths = torch.tensor([int(f.shape[1]) for f, r in zip(feeds, rows) for _ in range(r)])
     block = (config or FastConfig()).block
-    out = _decode(model, lambda horizon: StaticPrunedCache.from_caches(caches, horizon, block=block),
-                  0, last_tokens, n_new, None, config, generate_kwargs)
-    return out[:, 1:]
+    static = StaticPrunedCache.from_caches(caches, k + n_new - 1, block=block)
+    eos = eos_ids(model, generate_kwargs)
+    new = FastDecoder(model, static, config).run(feed, n_new, eos=eos,
+                                                 feed_lengths=None if bool((lengths == k).all()) else lengths)
+    pad = generate_kwargs.get("pad_token_id", model.generation_config.pad_token_id)
+    return _finish(new.to(feeds[0].device), eos, pad)
 
 
 __all__ = ["FastConfig", "FastDecodeError", "FastDecoder", "StaticPrunedCache", "answers_until_eos", "check_greedy",

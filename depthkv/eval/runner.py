@@ -663,8 +663,9 @@ def _sweep_rows(sweep: _Sweep, todo, full_out: dict[tuple[str, str], str], start
 
     ``hf``: each cell pruned, decoded with ``model.generate`` and scored before the next. ``fast``: cells are
     pruned and decoded together, up to ``decode_batch`` caches per batch of the fast path; the cells of
-    consecutive samples of one :func:`batch_groups` group share a batch when each prompt has one token left to
-    feed (question in the prefill), so a sweep with few cells per sample still fills its batches.
+    consecutive samples of one :func:`batch_groups` group and setting share a batch (each cache feeds the rest
+    of its own prompt: its last token, or its question in the query-agnostic setting), so a sweep with few
+    cells per sample still fills its batches.
     Each row's ``seconds`` is its pruning plus an equal share of its batch's decode.
     """
     if sweep.decoder == "hf":
@@ -685,7 +686,7 @@ def _sweep_rows(sweep: _Sweep, todo, full_out: dict[tuple[str, str], str], start
         return
     batch: list[tuple[_Prefill, _Pending]] = []  # cells pruned, waiting for their batch's decode (in order)
     groups = batch_groups(sweep.cfg, sweep.samples)
-    joins: tuple | None = None  # the group of the open batch (None: it cannot take another sample's cells)
+    joins: tuple | None = None  # (decode group, setting) of the open batch
 
     def flush() -> list[dict]:
         live = [(pf, job) for pf, job in batch if job.cache is not None]
@@ -702,10 +703,8 @@ def _sweep_rows(sweep: _Sweep, todo, full_out: dict[tuple[str, str], str], start
         return rows
 
     for label, sample, setting, left in todo:
-        # question in the prefill: the prompt's last token is all a cache still feeds (prompt_ids), so caches
-        # of several prompts decode together; query-agnostic caches feed their question, one prompt per batch
-        key = groups[(label, sample.id)] if setting == "aware" else None
-        if batch and (key is None or key != joins):
+        key = (groups[(label, sample.id)], setting)
+        if batch and key != joins:
             yield from flush()  # before the next prefill: its full cache and this batch are not held together
         started(label, setting)
         pf = _prefill(sweep, label, sample, setting)
@@ -715,8 +714,6 @@ def _sweep_rows(sweep: _Sweep, todo, full_out: dict[tuple[str, str], str], start
                 yield from flush()
         pf.scored = None  # every cell is pruned: the full cache and the scores are not needed while it waits
         joins = key
-        if key is None:
-            yield from flush()
         del pf
     yield from flush()
 
@@ -797,10 +794,8 @@ def _decode(sweep: _Sweep, cache, full_ids, max_new: int, seed: int) -> tuple[st
 
 def _decode_batch(sweep: _Sweep, live: list[tuple[_Prefill, _Pending]]) -> list[tuple[str, int]]:
     """Greedy answers of pruned caches decoded as one fast-path batch: (text, new tokens) per cache, each cut
-    after its first end-of-sequence token as ``generate`` stops there. Caches of one prompt feed what follows
-    the cache (the question, in the query-agnostic setting); caches of several prompts (same answer budget)
-    each feed their prompt's last token."""
-    import torch
+    after its first end-of-sequence token as ``generate`` stops there. Every cache feeds what follows it in its
+    prompt (the last token, or the question in the query-agnostic setting)."""
 
     from depthkv.engine.static import answers_until_eos, eos_ids, fast_generate_caches, fast_generate_rows
 
@@ -810,11 +805,9 @@ def _decode_batch(sweep: _Sweep, live: list[tuple[_Prefill, _Pending]]) -> list[
     if all(pf is pf0 for pf, _ in live):
         out = fast_generate_caches(sweep.model, caches, pf0.full_ids, max_new, do_sample=False, pad_token_id=sweep.pad)
         prompt_len = int(pf0.full_ids.shape[1])
-    else:
-        if any(int(pf.full_ids.shape[1]) != pf.n_ctx + 1 for pf, _ in live):  # prompt_ids' aware split
-            raise EvalError("caches of several prompts decode together only when each feeds its last token")
-        last = torch.cat([pf.full_ids[:, -1:] for pf, _ in live])
-        out = fast_generate_rows(sweep.model, caches, last, max_new, do_sample=False, pad_token_id=sweep.pad)
+    else:  # each cache feeds the rest of its prompt: the last token (aware) or the question (agnostic)
+        feeds = [pf.full_ids[:, pf.n_ctx:] for pf, _ in live]
+        out = fast_generate_rows(sweep.model, caches, feeds, max_new, do_sample=False, pad_token_id=sweep.pad)
         prompt_len = 0
     rows = answers_until_eos(out, prompt_len, eos_ids(sweep.model, {}))
     return [(sweep.tokenizer.decode(row, skip_special_tokens=True).strip(), len(row)) for row in rows]
