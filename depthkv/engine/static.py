@@ -584,9 +584,11 @@ def answers_until_eos(out: torch.Tensor, prompt_len: int, eos: list[int]) -> lis
     return answers
 
 
-def _decode(model: nn.Module, build, done: int, input_ids: torch.Tensor, n_new: int, logits, config, kwargs):
-    """Feed ``input_ids[:, done:]`` then decode ``n_new`` greedy tokens over the buffers ``build(horizon)``,
-    stopping once every row has ended (see ``FastConfig.stop_check``); cut as ``generate`` would."""
+def _decode(model: nn.Module, build, done: int, input_ids: torch.Tensor, n_new: int, logits, config, kwargs,
+            feed_lengths: torch.Tensor | None = None):
+    """Feed ``input_ids[:, done:]`` (row b only its first ``feed_lengths[b]`` tokens, when given) then decode
+    ``n_new`` greedy tokens over the buffers ``build(horizon)``, stopping once every row has ended (see
+    ``FastConfig.stop_check``); cut as ``generate`` would."""
     feed = input_ids[:, done:]
     if feed.shape[1] == 0:
         if logits is None:
@@ -605,7 +607,7 @@ def _decode(model: nn.Module, build, done: int, input_ids: torch.Tensor, n_new: 
         dec = FastDecoder(model, static, config)
         ended = None if new_first is None or not eos else torch.isin(new_first[:, 0], torch.tensor(
             eos, device=new_first.device))
-        parts.append(dec.run(feed_dec, n_dec, eos=eos, ended=ended).to(input_ids.device))
+        parts.append(dec.run(feed_dec, n_dec, eos=eos, ended=ended, feed_lengths=feed_lengths).to(input_ids.device))
     new = torch.cat(parts, dim=1)
     pad = kwargs.get("pad_token_id", model.generation_config.pad_token_id)
     new = _finish(new, eos, pad)
@@ -705,12 +707,9 @@ def fast_generate_rows(model: nn.Module, caches, feeds: Sequence[torch.Tensor], 
     feed = torch.cat([torch.nn.functional.pad(f, (0, k - f.shape[1])) for f in feeds])
     lengths = torch.tensor([int(f.shape[1]) for f, r in zip(feeds, rows) for _ in range(r)])
     block = (config or FastConfig()).block
-    static = StaticPrunedCache.from_caches(caches, k + n_new - 1, block=block)
-    eos = eos_ids(model, generate_kwargs)
-    new = FastDecoder(model, static, config).run(feed, n_new, eos=eos,
-                                                 feed_lengths=None if bool((lengths == k).all()) else lengths)
-    pad = generate_kwargs.get("pad_token_id", model.generation_config.pad_token_id)
-    return _finish(new.to(feeds[0].device), eos, pad)
+    out = _decode(model, lambda horizon: StaticPrunedCache.from_caches(caches, horizon, block=block), 0, feed,
+                  n_new, None, config, generate_kwargs, None if bool((lengths == k).all()) else lengths)
+    return out[:, k:]
 
 
 __all__ = ["FastConfig", "FastDecodeError", "FastDecoder", "StaticPrunedCache", "answers_until_eos", "check_greedy",

@@ -459,7 +459,8 @@ def run_eval(
     if shard is None and shard_files(sweep.folder):  # a data-parallel run continued on one device
         merge_shards(sweep.folder, cfg)
     new_rows = prefills = 0
-    owned = shard.owned(sweep.samples, batch_groups(cfg, sweep.samples)) if shard is not None else None
+    groups = batch_groups(cfg, sweep.samples)
+    owned = shard.owned(sweep.samples, groups) if shard is not None else None
     if owned is not None and not owned:  # more ranks than decode groups: nothing here (and no shard file)
         return EvalRun(sweep.folder, [], 0, 0, 0, time.perf_counter() - t_start)
     with ResultsWriter(sweep.folder / RESULTS if shard is None else shard.path(sweep.folder)) as writer:
@@ -478,7 +479,7 @@ def run_eval(
             bar.set_postfix_str(f"{label} {setting}", refresh=False)
 
         try:
-            for row in _sweep_rows(sweep, todo, full_out, started):
+            for row in _sweep_rows(sweep, todo, groups, full_out, started):
                 writer.append(row)
                 new_rows += 1
                 bar.update(1)
@@ -657,9 +658,10 @@ class _Pending:
     seconds: float = 0.0  # pruning time (the decode's share is added when the answer is in)
 
 
-def _sweep_rows(sweep: _Sweep, todo, full_out: dict[tuple[str, str], str], started: Callable[[str, str], None]):
+def _sweep_rows(sweep: _Sweep, todo, groups: dict[tuple[str, str], tuple[str, int]],
+                full_out: dict[tuple[str, str], str], started: Callable[[str, str], None]):
     """The rows of every pending (sample, setting) of ``todo``, in order (each sample's ``full`` cell first);
-    ``started(label, setting)`` is called before each prefill.
+    ``groups``: :func:`batch_groups` of the sweep; ``started(label, setting)`` is called before each prefill.
 
     ``hf``: each cell pruned, decoded with ``model.generate`` and scored before the next. ``fast``: cells are
     pruned and decoded together, up to ``decode_batch`` caches per batch of the fast path; the cells of
@@ -685,7 +687,6 @@ def _sweep_rows(sweep: _Sweep, todo, full_out: dict[tuple[str, str], str], start
             del pf  # free the full cache before the next prefill
         return
     batch: list[tuple[_Prefill, _Pending]] = []  # cells pruned, waiting for their batch's decode (in order)
-    groups = batch_groups(sweep.cfg, sweep.samples)
     joins: tuple | None = None  # (decode group, setting) of the open batch
 
     def flush() -> list[dict]:
@@ -797,19 +798,13 @@ def _decode_batch(sweep: _Sweep, live: list[tuple[_Prefill, _Pending]]) -> list[
     after its first end-of-sequence token as ``generate`` stops there. Every cache feeds what follows it in its
     prompt (the last token, or the question in the query-agnostic setting)."""
 
-    from depthkv.engine.static import answers_until_eos, eos_ids, fast_generate_caches, fast_generate_rows
+    from depthkv.engine.static import answers_until_eos, eos_ids, fast_generate_rows
 
-    pf0 = live[0][0]
     caches = [job.cache for _, job in live]
-    max_new = live[0][1].row["max_new_tokens"]
-    if all(pf is pf0 for pf, _ in live):
-        out = fast_generate_caches(sweep.model, caches, pf0.full_ids, max_new, do_sample=False, pad_token_id=sweep.pad)
-        prompt_len = int(pf0.full_ids.shape[1])
-    else:  # each cache feeds the rest of its prompt: the last token (aware) or the question (agnostic)
-        feeds = [pf.full_ids[:, pf.n_ctx:] for pf, _ in live]
-        out = fast_generate_rows(sweep.model, caches, feeds, max_new, do_sample=False, pad_token_id=sweep.pad)
-        prompt_len = 0
-    rows = answers_until_eos(out, prompt_len, eos_ids(sweep.model, {}))
+    feeds = [pf.full_ids[:, pf.n_ctx:] for pf, _ in live]  # each cache's rest of its prompt
+    out = fast_generate_rows(sweep.model, caches, feeds, live[0][1].row["max_new_tokens"], do_sample=False,
+                             pad_token_id=sweep.pad)
+    rows = answers_until_eos(out, 0, eos_ids(sweep.model, {}))
     return [(sweep.tokenizer.decode(row, skip_special_tokens=True).strip(), len(row)) for row in rows]
 
 

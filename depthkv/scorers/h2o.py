@@ -21,13 +21,14 @@ def later_attention_mass(x: ScoreInputs) -> torch.Tensor:
     Computed once per forward and layer (``x.memo``): H2O and H2O with values, scored together, share it
     (the causal attention of every query is the costly part, quadratic in the context). On CUDA a fused
     Triton kernel computes it without materialising the probabilities (``column_kernel``)."""
-    hit = x.memo.get("later_attention_mass")
-    if hit is not None:
-        return hit
-    if column_kernel.usable(x):
-        total = column_kernel.later_attention_mass_fused(x)
-        x.memo["later_attention_mass"] = total
-        return total
+    if "later_attention_mass" not in x.memo:
+        fused = column_kernel.usable(x)
+        x.memo["later_attention_mass"] = column_kernel.later_attention_mass_fused(x) if fused else _blockwise_mass(x)
+    return x.memo["later_attention_mass"]
+
+
+def _blockwise_mass(x: ScoreInputs) -> torch.Tensor:
+    """``later_attention_mass`` from the probabilities of ``attention_blocks`` (CPU, or the fused path off)."""
     b, kvh, nk = x.key.shape[0], x.key.shape[1], x.key.shape[2]
     nq = x.query.shape[2]
     total = torch.zeros(b, kvh, nk, dtype=torch.float32, device=x.key.device)
@@ -36,7 +37,6 @@ def later_attention_mass(x: ScoreInputs) -> torch.Tensor:
         diag = probs[..., torch.arange(i1 - i0, device=x.key.device), self_idx]  # [B,KVH,G,blk]
         total += probs.sum(dim=3).mean(dim=2)
         total.index_add_(2, self_idx, -diag.mean(dim=2))
-    x.memo["later_attention_mass"] = total
     return total
 
 

@@ -2,7 +2,7 @@
 
 Generating a long context with a real tokenizer as the length counter costs 0.05–0.4 s per sample at
 8k–16k tokens (haystacks are cut to length by counting tokens): 37 s for eight tasks x 40 samples at 8k with
-Qwen2.5's tokenizer on two CPU cores, paid by every process of a sweep (each resumed run, each data-parallel
+Qwen2.5's tokenizer on two CPU cores (``load_samples`` timed twice, 2026-11-30), paid by every process of a sweep (each resumed run, each data-parallel
 worker) while the GPU waits. The samples are a
 pure function of the generator's arguments, the tokenizer, the corpus and the generators' code, so
 :func:`generate_cached` keys a file on all of these (a change in any gives a new key, never a stale hit)
