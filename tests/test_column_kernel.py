@@ -9,6 +9,7 @@ run in one fresh Python process. Another test compiles both kernels for an H100/
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import subprocess
@@ -230,6 +231,27 @@ def test_dispatch_pools_the_fused_kvzip_scores(monkeypatch):
     assert KVzip(prompt_ids=(1,)).score(x) is fused  # kernel 1: the fused scores unchanged
 
 
+def test_dispatch_gives_the_fused_kvzip_the_chunk_keys_only(monkeypatch):
+    """normalise="chunk": the fused kernel scores the sink and chunk keys (plus the replayed tokens) and the
+    scores land back at those keys' places; every other context key scores 0."""
+    x = make_inputs("replay-g2-d32", 5)
+    n = x.n_context
+    x = dataclasses.replace(x, replay_span=(8, 20))
+    seen = []
+
+    def stub(inputs, n_context):
+        seen.append((n_context, inputs.key.shape[2]))
+        return torch.arange(1, n_context + 1, dtype=torch.float32).expand(*inputs.key.shape[:2], n_context)
+
+    monkeypatch.setattr(kvzip.column_kernel, "usable", lambda inputs: True)
+    monkeypatch.setattr(kvzip.column_kernel, "max_attention_fused", stub)
+    scores = KVzip(prompt_ids=(1,), normalise="chunk", sink=2).score(x)
+    assert seen == [(14, 14 + x.key.shape[2] - n)]
+    want = torch.zeros(n)
+    want[[0, 1, *range(8, 20)]] = torch.arange(1, 15, dtype=torch.float32)
+    assert torch.equal(scores, want.expand(*x.key.shape[:2], n))
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 
@@ -267,7 +289,10 @@ def test_compiled_kernels_match_the_torch_path_on_the_gpu(name, dtype, monkeypat
     x = ScoreInputs(*(t.to("cuda", dtype) for t in (cpu.query, cpu.key, cpu.value)), cpu.positions.cuda(),
                     cpu.scaling, 0, n_context=cpu.n_context)
     assert column_kernel.usable(x)
+    chunk = KVzip(prompt_ids=(1,), normalise="chunk", sink=2)
+    x_span = dataclasses.replace(x, replay_span=(3, cpu.n_context // 2))
     fused_h2o, fused_kvzip = later_attention_mass(x), KVzip(prompt_ids=(1,)).score(x)  # the dispatch: fused
+    fused_chunk = chunk.score(x_span)
     monkeypatch.setenv("DEPTHKV_FUSED_SCORES", "0")
     x.memo.clear()
     assert not column_kernel.usable(x)
@@ -275,3 +300,4 @@ def test_compiled_kernels_match_the_torch_path_on_the_gpu(name, dtype, monkeypat
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=5e-2, atol=2e-3)
     torch.testing.assert_close(fused_h2o, ref_h2o, **tol)
     torch.testing.assert_close(fused_kvzip, ref_kvzip, **tol)
+    torch.testing.assert_close(fused_chunk, chunk.score(x_span), **tol)

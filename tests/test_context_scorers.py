@@ -11,7 +11,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 import depthkv
 from depthkv.engine import Protection, score_prefill
 from depthkv.engine.cache import layer_lengths
-from depthkv.engine.reconstruct import ContextPassError, replay_inputs
+from depthkv.engine.reconstruct import ContextPassError, replay_chunks, replay_inputs
 from depthkv.scorers import ExpectedAttention, KVzip, ScoreInputs, get_scorer
 from depthkv.scorers.expected_attention import rope_matrix, rotate
 from depthkv.scorers.kvzip import span_max_pool
@@ -24,17 +24,27 @@ def _ids(n: int, seed: int = 0) -> torch.Tensor:
 
 
 def _reference_kvzip(model, ctx: torch.Tensor, scorer: KVzip) -> list[torch.Tensor]:
-    """Max attention from replayed tokens to each context key, from plain full forwards (eager attentions)."""
+    """Max attention from replayed tokens to each context key, from plain full forwards (eager attentions);
+    under ``normalise="chunk"`` each replayed query's probabilities renormalised over the sink keys, its chunk's
+    keys and the replayed tokens (the others set to 0)."""
     n = ctx.shape[1]
     kvh = model.config.num_key_value_heads
     best = None
-    for chunk in replay_inputs(scorer, ctx):
+    for chunk, (start, end) in replay_chunks(scorer, ctx):
         full = torch.cat([ctx, chunk], dim=1)
         with torch.no_grad():
             att = model(full, output_attentions=True).attentions  # per layer [1, H, T, T]
         per = []
         for a in att:
-            a = a[0, :, n:, :n]  # replayed queries -> context keys: [H, R, N]
+            a = a[0, :, n:, :]  # replayed queries -> all keys: [H, R, N + R]
+            if scorer.normalise == "chunk":
+                keep = torch.ones(a.shape[-1], dtype=torch.bool)
+                keep[:n] = False
+                keep[:scorer.sink] = True
+                keep[start:end] = True
+                a = torch.where(keep, a, 0.0)
+                a = a / a.sum(-1, keepdim=True)
+            a = a[..., :n]
             per.append(a.reshape(kvh, -1, a.shape[-2], n).amax(dim=(1, 2))[None])
         best = per if best is None else [torch.maximum(b, p) for b, p in zip(best, per)]
     return best
@@ -54,6 +64,68 @@ def test_kvzip_scores_equal_attention_of_full_forwards(tiny_models, arch, chunk)
         torch.testing.assert_close(got, want.float(), atol=2e-5, rtol=1e-4)
     # the replayed tokens are gone again: the cache holds exactly the context
     assert layer_lengths(sp.cache) == [90] * 4 and sp.cache.get_seq_length() == 90
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("chunk", [200, 33])
+def test_kvzip_chunk_normalisation_equals_renormalised_attention(tiny_models, arch, chunk):
+    model = tiny_models(arch, "eager")
+    ctx = _ids(90, seed=1)
+    scorer = KVzip(replay_chunk=chunk, prompt_ids=PROMPT, normalise="chunk", sink=3)
+    got = score_prefill(model, ctx, [scorer], Protection()).scores["kvzip"]
+    ref = _reference_kvzip(model, ctx, scorer)
+    for g, w in zip(got, ref):
+        torch.testing.assert_close(g, w.float(), atol=2e-5, rtol=1e-4)
+    plain = score_prefill(model, ctx, [KVzip(replay_chunk=chunk, prompt_ids=PROMPT)], Protection()).scores["kvzip"]
+    if chunk >= 90:  # one chunk: both normalisations see the same keys
+        for g, p in zip(got, plain):
+            torch.testing.assert_close(g, p, atol=1e-6, rtol=1e-5)
+    else:  # several chunks: other normalisers, and other chunks' replays no longer count
+        assert any(not torch.allclose(g, p, atol=1e-4) for g, p in zip(got, plain))
+
+
+def test_kvzip_chunk_masked_path_equals_subset_path():
+    """Heads seeing different numbers of keys (a per-head pruned cache) take the masked path: same scores."""
+    g = torch.Generator().manual_seed(3)
+    b, kvh, grp, n, q, d = 1, 2, 2, 24, 5, 8
+    x = ScoreInputs(torch.randn(b, kvh * grp, q, d, generator=g), torch.randn(b, kvh, n + q, d, generator=g),
+                    torch.randn(b, kvh, n + q, d, generator=g), torch.arange(n + q).expand(b, kvh, n + q).clone(),
+                    d ** -0.5, 0, n_context=n, replay_span=(10, 20))
+    s = KVzip(prompt_ids=PROMPT, normalise="chunk", sink=2)
+    subset = s.score(x)  # every head sees 2 + 10 context keys: gathered subset
+    assert bool((subset[..., 2:10] == 0).all()) and bool((subset[..., 20:] == 0).all())
+    masked = KVzip._max_attention(x, n, s._visible(x))
+    torch.testing.assert_close(subset, masked, atol=1e-6, rtol=1e-5)
+    # head 1 holds other logical positions (as after a per-head pruning): its visible count differs
+    x.positions[0, 1, :n] = torch.arange(0, 2 * n, 2)
+    mixed = s.score(x)
+    vis = s._visible(x)
+    assert int(vis[0, 0, :n].sum()) != int(vis[0, 1, :n].sum())
+    torch.testing.assert_close(mixed, KVzip._max_attention(x, n, vis), atol=1e-6, rtol=1e-5)
+    assert bool((mixed[0, 1][~vis[0, 1, :n]] == 0).all())
+
+
+def test_kvzip_chunk_spans_in_chunked_compress(tiny_models):
+    """A chunked compress replays each prefill chunk at its own logical positions."""
+    spans = []
+
+    class Spy(KVzip):
+        def score(self, x):
+            spans.append((x.layer_idx, x.replay_span))
+            return super().score(x)
+
+    model = tiny_models("qwen2", "eager")
+    spy = Spy(replay_chunk=16, prompt_ids=PROMPT, normalise="chunk")
+    with depthkv.press(model, scorer=spy, ratio=0.5, mode="chunked", chunk_size=40) as p:
+        p.compress(_ids(80))
+    assert sorted({s for layer, s in spans if layer == 0}) == [(0, 16), (16, 32), (32, 40), (40, 56), (56, 72),
+                                                               (72, 80)]
+
+
+@pytest.mark.parametrize("bad", [{"normalise": "global"}, {"sink": -1}, {"sink": 1.5}])
+def test_kvzip_rejects_bad_normalisation(bad):
+    with pytest.raises(ValueError, match="normalise|sink"):
+        KVzip(**bad)
 
 
 def test_kvzip_kernel_one_is_the_paper_score_and_pooling_widens_it(tiny_models):
@@ -95,8 +167,8 @@ def test_kvzip_bind_keeps_options():
         def __call__(self, text, add_special_tokens=False):
             return {"input_ids": [ord(c) % 97 for c in text]}
 
-    s = KVzip(replay_chunk=64, overlap=3, kernel=7).bind(Tok())
-    assert s.ready and (s.replay_chunk, s.overlap, s.kernel) == (64, 3, 7)
+    s = KVzip(replay_chunk=64, overlap=3, kernel=7, normalise="chunk", sink=2).bind(Tok())
+    assert s.ready and (s.replay_chunk, s.overlap, s.kernel, s.normalise, s.sink) == (64, 3, 7, "chunk", 2)
 
 
 def test_kvzip_replay_layout():

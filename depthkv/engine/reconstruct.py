@@ -51,6 +51,11 @@ def drop_tail(cache, n: int) -> None:
 
 def replay_inputs(scorer: Scorer, context_ids: torch.Tensor) -> list[torch.Tensor]:
     """The token ids fed per chunk: repeat prompt (+ the previous chunk's last tokens) + the chunk."""
+    return [ids for ids, _ in replay_chunks(scorer, context_ids)]
+
+
+def replay_chunks(scorer: Scorer, context_ids: torch.Tensor) -> list[tuple[torch.Tensor, tuple[int, int]]]:
+    """``replay_inputs`` with the span [start, end) of ``context_ids`` each replays."""
     if not getattr(scorer, "ready", True):
         raise ContextPassError(
             f"scorer {scorer.name!r} needs its repeat prompt encoded by the model's tokenizer: pass tokenizer= "
@@ -61,7 +66,9 @@ def replay_inputs(scorer: Scorer, context_ids: torch.Tensor) -> list[torch.Tenso
     out = []
     for start in range(0, len(ids), size):
         prompt = list(scorer.prompt_ids) if start == 0 else list(scorer.next_prompt_ids) + ids[max(0, start - overlap):start]
-        out.append(torch.tensor([prompt + ids[start:start + size]], dtype=torch.long, device=context_ids.device))
+        chunk = ids[start:start + size]
+        out.append((torch.tensor([prompt + chunk], dtype=torch.long, device=context_ids.device),
+                    (start, start + len(chunk))))
     return out
 
 
@@ -79,9 +86,11 @@ def reconstruct_scores(
     stats = ContextPassStats()
     t0 = time.perf_counter()
     kept, prev_plan = session.scores, session.plan
+    offset = cache.layers[0].get_seq_length() - context_ids.shape[1]  # context tokens cached before these
     for scorer in scorers:
-        session.plan = Plan(kind="reconstruct", scorers=[scorer], protection=protection or prev_plan.protection)
-        for chunk in replay_inputs(scorer, context_ids):
+        for chunk, (start, end) in replay_chunks(scorer, context_ids):
+            session.plan = Plan(kind="reconstruct", scorers=[scorer], protection=protection or prev_plan.protection,
+                                replay_span=(offset + start, offset + end))
             forward_with_cache(model, chunk, cache)
             drop_tail(cache, chunk.shape[1])
             stats.forwards += 1

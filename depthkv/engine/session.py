@@ -103,6 +103,8 @@ class Plan:
     # ablate: layer -> [B, KVH, N] bool, the context keys each batch row may see in that layer (masking, no
     # eviction: lets one batched forward hold probes that prune different layers by different amounts)
     key_masks: dict[int, torch.Tensor] = field(default_factory=dict)
+    # reconstruct: logical positions [start, end) of the context chunk the forward replays
+    replay_span: tuple[int, int] | None = None
 
 
 class Session:
@@ -180,7 +182,8 @@ class Session:
             mask = restrict_keys(mask, self.plan.key_masks[idx], query.shape[1], query.shape[-2], key.shape[-2])
         if self._wants_scores(layer, query.shape[-2]):
             n_context = key.shape[-2] - query.shape[-2] if self.plan.kind == "reconstruct" else None
-            x = ScoreInputs(query, key, value, layer_positions(layer), module.scaling, idx, self.inv_freq, n_context)
+            x = ScoreInputs(query, key, value, layer_positions(layer), module.scaling, idx, self.inv_freq, n_context,
+                            self.plan.replay_span if n_context is not None else None)
             if self.plan.kind == "reconstruct":
                 self._accumulate_max(x)
                 return mask

@@ -31,6 +31,8 @@ class ScoreInputs:
     layer_idx: int
     inv_freq: torch.Tensor | None = None  # [d/2] RoPE inverse frequencies of the model (None: unknown)
     n_context: int | None = None  # context-pass forwards: keys [0, n_context) are the context being scored
+    # context-pass forwards: logical positions [start, end) of the context chunk these queries replay
+    replay_span: tuple[int, int] | None = None
     # results several scorers of one forward share (e.g. H2O's attention mass, which H2O with values reuses);
     # not copied by dataclasses.replace, so a per-sequence view starts empty
     memo: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -59,9 +61,11 @@ def grouped_queries(x: ScoreInputs) -> torch.Tensor:
 
 
 def attention_blocks(
-    x: ScoreInputs, q_start: int = 0, max_elems: int = 1 << 26
+    x: ScoreInputs, q_start: int = 0, max_elems: int = 1 << 26, visible: torch.Tensor | None = None
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Causal softmax attention of queries [q_start, Q) in blocks: yields (i0, i1, probs [B,KVH,G,i1-i0,K]).
+
+    ``visible`` ([B, KVH, K] bool, optional): keys outside it are left out of every query's softmax.
 
     Never materialises the full N x N matrix of all heads: each block holds at most ``max_elems`` floats.
     Query i (of Q) sits at physical key index K - Q + i and sees keys 0..K-Q+i.
@@ -81,4 +85,6 @@ def attention_blocks(
         last_visible = nk - nq + torch.arange(i0, i1, device=k.device)
         hidden = key_idx[None, :] > last_visible[:, None]  # [blk, K]
         logits.masked_fill_(hidden, float("-inf"))
+        if visible is not None:
+            logits.masked_fill_(~visible[:, :, None, None, :], float("-inf"))
         yield i0, i1, torch.softmax(logits, dim=-1)

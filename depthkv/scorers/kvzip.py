@@ -12,6 +12,13 @@ chunk on, the last ``overlap`` tokens of the previous one, so the model knows wh
 max-accumulated over chunks and the replayed tokens are dropped from the cache again. Its cost is about one
 more prefill of the context.
 
+Normalisation (``normalise``). With ``"context"`` (the default) each replay query's softmax runs over every key
+it sees: the whole context and the replayed tokens before it. With ``"chunk"`` it runs only over the first
+``sink`` keys, the keys of the chunk being replayed and the replayed tokens, as the paper's implementation does
+(github.com/snu-mllab/KVzip; kvpress's KVzipPress likewise): a chunk's tokens then compete only with their own
+chunk for the replay's attention, and keys of other chunks get nothing from it. The two agree when the context
+is a single chunk.
+
 Optional span pooling (``kernel > 1``, not in the paper): a fact is usually a span of several tokens
 (``VAR ABCDE = 12345``), and a token-level top-k that keeps part of a span and drops the rest breaks it.
 As SnapKV (Li et al. 2024, arXiv 2404.14469) smooths its votes with 1-D pooling, the scores are then
@@ -22,6 +29,7 @@ kernel 7 hurt (docs/agnostic.md): the default stays 1.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +49,8 @@ class KVzip(Scorer):
     ``prompt_ids`` / ``next_prompt_ids``: token ids put before the replayed first / later chunks (the repeat
     instruction, closing the user turn and opening the assistant's when the tokenizer has a chat template).
     ``bind(tokenizer)`` fills them; without a tokenizer give them yourself.
+    ``normalise``: ``"context"`` (softmax over every key a replay query sees) or ``"chunk"`` (over the first
+    ``sink`` keys, the replayed chunk's own keys and the replayed tokens; the paper's implementation).
     ``kernel`` (odd, >= 1): width of a max-pool over neighbouring keys applied to each KV head's scores, so
     that multi-token spans are kept whole (SnapKV's pooling); 1 = the paper's scores. Neighbours are taken in
     the cache's order: the context's token order (in a chunked prefill, keys already pruned are skipped).
@@ -52,6 +62,8 @@ class KVzip(Scorer):
     prompt_ids: tuple[int, ...] | None = None
     next_prompt_ids: tuple[int, ...] | None = None
     kernel: int = 1
+    normalise: str = "context"
+    sink: int = 4
     name = "kvzip"
     needs_attention = True
     context_pass = True
@@ -61,6 +73,10 @@ class KVzip(Scorer):
             raise ValueError(f"KVzip needs replay_chunk >= 1 and overlap >= 0, got {self.replay_chunk}, {self.overlap}")
         if isinstance(self.kernel, bool) or not isinstance(self.kernel, int) or self.kernel < 1 or self.kernel % 2 == 0:
             raise ValueError(f"KVzip needs an odd integer kernel >= 1, got {self.kernel!r}")
+        if self.normalise not in NORMALISATIONS:
+            raise ValueError(f"KVzip normalise must be one of {', '.join(NORMALISATIONS)}, got {self.normalise!r}")
+        if isinstance(self.sink, bool) or not isinstance(self.sink, int) or self.sink < 0:
+            raise ValueError(f"KVzip needs an integer sink >= 0, got {self.sink!r}")
         if self.prompt_ids is not None:
             self.prompt_ids = tuple(int(t) for t in self.prompt_ids)
             self.next_prompt_ids = tuple(int(t) for t in (self.next_prompt_ids or self.prompt_ids))
@@ -76,18 +92,60 @@ class KVzip(Scorer):
         suffix = assistant_turn_opening(tokenizer)
         first = _encode(tokenizer, FIRST_PROMPT) + suffix
         later = _encode(tokenizer, NEXT_PROMPT) + suffix
-        return KVzip(self.replay_chunk, self.overlap, tuple(first), tuple(later), kernel=self.kernel)
+        return dataclasses.replace(self, prompt_ids=tuple(first), next_prompt_ids=tuple(later))
 
     def score(self, x: ScoreInputs) -> torch.Tensor:
         if x.n_context is None:
             raise ValueError("KVzip scores context keys from a reconstruction pass; n_context is missing")
         n = x.n_context
-        if column_kernel.usable(x):  # CUDA: fused Triton kernel, no probability matrix in memory
-            return span_max_pool(column_kernel.max_attention_fused(x, n), self.kernel)
+        visible = self._visible(x) if self.normalise == "chunk" else None
+        if visible is not None:
+            sub = _visible_subset(x, visible)
+            if sub is not None:  # the same keys visible in every head: score the subset, put the scores back
+                x_sub, index = sub
+                scores = torch.zeros(x.key.shape[0], x.key.shape[1], n, dtype=torch.float32, device=x.key.device)
+                scores.scatter_(-1, index, self._max_attention(x_sub, index.shape[-1]))
+                return span_max_pool(scores, self.kernel)
+        return span_max_pool(self._max_attention(x, n, visible), self.kernel)
+
+    def _visible(self, x: ScoreInputs) -> torch.Tensor | None:
+        """[B, KVH, K] keys in the softmax under ``normalise="chunk"`` (None: no replay span known, all)."""
+        if x.replay_span is None:
+            return None
+        start, end = x.replay_span
+        pos = x.positions[..., :x.n_context]
+        ctx = (pos < self.sink) | ((pos >= start) & (pos < end))
+        tail = torch.ones(*ctx.shape[:2], x.key.shape[2] - x.n_context, dtype=torch.bool, device=ctx.device)
+        return torch.cat([ctx, tail], dim=-1)
+
+    @staticmethod
+    def _max_attention(x: ScoreInputs, n: int, visible: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, KVH, n] largest attention any query of a KV head's group pays to each of the first n keys."""
+        if visible is None and column_kernel.usable(x):  # CUDA: fused Triton kernel, no probability matrix
+            return column_kernel.max_attention_fused(x, n)
         best = torch.zeros(x.key.shape[0], x.key.shape[1], n, dtype=torch.float32, device=x.key.device)
-        for _, _, probs in attention_blocks(x):
+        for _, _, probs in attention_blocks(x, visible=visible):
             best = torch.maximum(best, probs[..., :n].amax(dim=(2, 3)))
-        return span_max_pool(best, self.kernel)
+        return best
+
+
+NORMALISATIONS = ("context", "chunk")
+
+
+def _visible_subset(x: ScoreInputs, visible: torch.Tensor) -> tuple[ScoreInputs, torch.Tensor] | None:
+    """``x`` restricted to its visible keys, with the [B, KVH, m] indices of the visible context keys, when
+    every (sequence, head) sees the same number of them; else None (then the keys are masked instead)."""
+    n = x.n_context
+    counts = visible[..., :n].sum(-1)
+    m = int(counts.flatten()[0])
+    if not bool((counts == m).all()):
+        return None
+    index = torch.argsort((~visible[..., :n]).to(torch.int8), dim=-1, stable=True)[..., :m]
+    gather = index.unsqueeze(-1).expand(-1, -1, -1, x.key.shape[-1])
+    key = torch.cat([x.key.gather(2, gather), x.key[:, :, n:]], dim=2)
+    value = torch.cat([x.value.gather(2, gather), x.value[:, :, n:]], dim=2)
+    positions = torch.cat([x.positions.gather(2, index), x.positions[..., n:]], dim=-1)
+    return dataclasses.replace(x, key=key, value=value, positions=positions, n_context=m), index
 
 
 def span_max_pool(scores: torch.Tensor, kernel: int) -> torch.Tensor:
