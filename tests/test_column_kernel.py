@@ -234,7 +234,7 @@ def test_dispatch_pools_the_fused_kvzip_scores(monkeypatch):
 def test_dispatch_gives_the_fused_kvzip_the_chunk_keys_only(monkeypatch):
     """normalise="chunk": the fused kernel scores the sink and chunk keys (plus the replayed tokens) and the
     scores land back at those keys' places; every other context key scores 0."""
-    x = make_inputs("replay-g2-d32", 5)
+    x = make_inputs("replay-g4-d16-b2", 5)  # queries = the keys after the context, as in a replay
     n = x.n_context
     x = dataclasses.replace(x, replay_span=(8, 20))
     seen = []

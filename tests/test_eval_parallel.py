@@ -234,3 +234,14 @@ def test_same_rows_script_compares_what_a_run_decides(tmp_path, capsys):
     assert same_rows.main([a, b]) == 0
     assert same_rows.main([a, c]) == 1 and "different 1" in capsys.readouterr().out
     assert same_rows.main([a, b, d]) == 1 and "missing 1" in capsys.readouterr().out
+
+
+def test_a_worker_input_error_is_one_line(model_dir, tmp_path, capsys):
+    """Bad input that only a worker can see (a profile made for another model: the identity check needs the
+    loaded model) stops the run with the worker's own message, one line, exit code 2."""
+    out = tmp_path / "foreign"
+    argv = [*ARGV, "--methods", "full,optimal", "--profile", str(ROOT / "docs/results/profile_smollm2-135m.json"),
+            "--model", str(model_dir), "--devices", "cpu,cpu", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: worker ") and "profile" in err

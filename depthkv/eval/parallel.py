@@ -195,6 +195,7 @@ def run_parallel(
     :class:`~depthkv.eval.runner.EvalRun`.
     """
     import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import ProcessException  # not re-exported by every torch release
 
     t0 = time.perf_counter()
     devices = list(devices)
@@ -212,7 +213,7 @@ def run_parallel(
     try:
         mp.spawn(_worker, args=(devices, spec, cfg, str(folder), progress, threads, queue), nprocs=len(devices),
                  join=True)
-    except mp.ProcessException as exc:
+    except ProcessException as exc:
         reports = _drain(queue)
         for kind, rank, *rest in reports:
             if kind == "input-error":

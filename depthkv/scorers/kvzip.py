@@ -134,8 +134,11 @@ NORMALISATIONS = ("context", "chunk")
 
 def _visible_subset(x: ScoreInputs, visible: torch.Tensor) -> tuple[ScoreInputs, torch.Tensor] | None:
     """``x`` restricted to its visible keys, with the [B, KVH, m] indices of the visible context keys, when
-    every (sequence, head) sees the same number of them; else None (then the keys are masked instead)."""
+    every (sequence, head) sees the same number of them and the queries are the replayed tokens after the
+    context; else None (then the keys are masked instead)."""
     n = x.n_context
+    if x.key.shape[2] - x.query.shape[2] != n:
+        return None
     counts = visible[..., :n].sum(-1)
     m = int(counts.flatten()[0])
     if not bool((counts == m).all()):
