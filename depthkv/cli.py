@@ -108,7 +108,8 @@ def add_press_args(p: argparse.ArgumentParser) -> None:
     from depthkv.scorers import SCORERS
 
     p.add_argument("--ratio", type=_ratio, default=0.6, help="share of the context's KV pairs removed, in [0, 1)")
-    p.add_argument("--scorer", default="snapkv", choices=sorted(SCORERS), help="in-layer token scorer")
+    p.add_argument("--scorer", default=None, choices=sorted(SCORERS),
+                   help="in-layer token scorer (default: snapkv for generate, kvzip for compress)")
     p.add_argument("--chunk-size", type=_positive, default=None,
                    help="chunked prefill: prune after every C tokens (paper: 1024); default post-prefill pruning")
     p.add_argument("--budgets", type=Path, default=None,
@@ -121,9 +122,11 @@ def add_press_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", default=None,
                    help="allocator splitting --ratio across layers (uniform, pyramid, mlp, mga, mlma-k, "
                         "proportional, optimal, optimal-joint; input-adaptive: global, adaptive, adaptive-joint); "
-                        "default: optimal with --profile, else uniform")
-    p.add_argument("--head-budgets", action="store_true",
-                   help="also split each layer's budget across its KV heads by their scores (post-prefill only)")
+                        "default: optimal with --profile, else uniform; compress: adaptive-joint where the "
+                        "profile is refined at --ratio, else adaptive, global without --profile")
+    p.add_argument("--head-budgets", action=argparse.BooleanOptionalAction, default=None,
+                   help="also split each layer's budget across its KV heads by their scores (post-prefill only; "
+                        "default: on for compress, off for generate)")
     p.add_argument("--force-profile", action="store_true",
                    help="use --profile even if it was calibrated with another scorer or setting")
 
@@ -228,10 +231,14 @@ def _press_kwargs(args: argparse.Namespace) -> dict:
 
 
 def check_profile_use(args: argparse.Namespace, setting: str) -> None:
-    """Before loading the model: refuse a --profile calibrated with another scorer or in another setting
-    than this command prunes in (generate: aware, compress: agnostic); --force-profile skips the check."""
+    """Before loading the model: fill in the setting's default scorer when --scorer is not given, then refuse a
+    --profile calibrated with another scorer or in another setting than this command prunes in (generate:
+    aware, compress: agnostic); --force-profile skips the check."""
+    from depthkv.allocation.defaults import press_defaults
     from depthkv.allocation.profile import Profile
 
+    if args.scorer is None:
+        args.scorer = press_defaults(setting).scorer
     if args.profile is not None and args.budgets is None:
         Profile.load(args.profile).check_use(args.scorer, setting, force=args.force_profile)
 
@@ -441,7 +448,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise CliError(f"cannot write {args.out}: {exc.strerror or exc}") from None
     full, kept = comp.full_kv_bytes(), comp.kv_bytes()
-    print(f"context: {comp.n_tokens} tokens ({args.context_file}); model {lm.name}, scorer {args.scorer}, "
+    c = pr.config
+    split = f"strategy {c.strategy}" if c.strategy else "budgets from --budgets"
+    print(f"context: {comp.n_tokens} tokens ({args.context_file}); model {lm.name}, scorer {args.scorer}, {split}"
+          f"{', per-head budgets' if c.head_budgets else ''}, "
           f"{'chunked C=' + str(args.chunk_size) if args.chunk_size else 'post-prefill'}, {seconds:.1f} s")
     print(f"KV bytes full / kept / share kept: {full:,} / {kept:,} / {kept / full:.3f}")
     print(f"compressed context written to {path} ({path.stat().st_size:,} bytes); ask with: depthkv ask {path} "
@@ -764,7 +774,9 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default="full,uniform,pyramid,optimal",
                    help="comma-separated: full (no pruning) and allocators (uniform, pyramid, mlp, mga, mlma-k, "
                         "proportional, optimal, optimal-joint)")
-    p.add_argument("--scorers", default="snapkv", help="comma-separated in-layer token scorers")
+    p.add_argument("--scorers", default=None,
+                   help="comma-separated in-layer token scorers (default: snapkv with the question in the prefill, "
+                        "kvzip for --settings agnostic, both for both settings)")
     p.add_argument("--ratios", default="0.2,0.4,0.6,0.8,0.9", help="comma-separated ratios (share removed)")
     p.add_argument("--samples", type=int, default=8, help="samples per task")
     p.add_argument("--context-tokens", type=int, default=1024)
@@ -848,6 +860,10 @@ def _eval(args: argparse.Namespace) -> int:
     settings = parse_list(args.settings, "settings")
     if settings == ["both"]:
         settings = ["aware", "agnostic"]
+    if args.scorers is None:  # each setting's measured-best scorer (depthkv.allocation.defaults)
+        from depthkv.allocation.defaults import press_defaults
+
+        args.scorers = ",".join(dict.fromkeys(press_defaults(s).scorer for s in settings))
     cfg = EvalConfig(
         model=args.model, tasks=parse_list(args.tasks, "tasks"), methods=parse_list(args.methods, "methods"),
         scorers=parse_list(args.scorers, "scorers"), ratios=parse_ratios(args.ratios), samples=args.samples,

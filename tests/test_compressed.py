@@ -324,8 +324,25 @@ def cli(monkeypatch, tmp_path, chat_tok, plain_tok):
 
 
 def _compress(main, ctx_file, out, *extra):
-    return main(["compress", "--model", "tiny", "--ratio", "0.5", "--scorer", "snapkv", "--n-sink", "2",
-                 "--n-recent", "4", "--context-file", str(ctx_file), "--out", str(out), *extra])
+    """SnapKV, uniform split, one budget per layer: as ``_expected_answers``' in-memory press."""
+    return main(["compress", "--model", "tiny", "--ratio", "0.5", "--scorer", "snapkv", "--strategy", "uniform",
+                 "--no-head-budgets", "--n-sink", "2", "--n-recent", "4", "--context-file", str(ctx_file),
+                 "--out", str(out), *extra])
+
+
+def test_cli_compress_defaults_to_the_agnostic_settings(cli, tmp_path, capsys):
+    """Without --scorer / --strategy / --head-budgets, compress takes the settings measured best when the
+    question comes later: KVzip, the input-adaptive split (global without a profile), per-head budgets."""
+    main, ctx_file, models, _ = cli
+    out = tmp_path / "ctx.dkv"
+    assert main(["compress", "--model", "tiny", "--ratio", "0.5", "--n-sink", "2", "--n-recent", "4",
+                 "--context-file", str(ctx_file), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "scorer kvzip, strategy global, per-head budgets" in printed
+    header = read_header(out)
+    assert header["compression"]["scorer"] == "kvzip" and header["compression"]["head_budgets"] is True
+    comp = CompressedContext.load(out, models["tiny"])
+    assert comp.budgets.strategy == "global" and sum(comp.budgets.tokens) == round(4 * comp.n_tokens * 0.5)
 
 
 def _expected_answers(model, tok, questions, max_new_tokens) -> list[str]:

@@ -245,3 +245,15 @@ def test_a_worker_input_error_is_one_line(model_dir, tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: worker ") and "profile" in err
+
+
+def test_eval_takes_each_settings_default_scorer(model_dir, tmp_path, capsys):
+    """Without --scorers: SnapKV with the question in the prefill, KVzip for a context compressed before it."""
+    base = ["eval", "--model", str(model_dir), "--tasks", "needle", "--methods", "full,uniform", "--ratios", "0.5",
+            "--samples", "1", "--context-tokens", "160", "--max-new-tokens", "2", "--dtype", "float32",
+            "--no-progress"]
+    for settings, want in (("agnostic", ["kvzip"]), ("aware", ["snapkv"])):
+        out = tmp_path / settings
+        assert main([*base, "--settings", settings, "--out", str(out)]) == 0, capsys.readouterr().err
+        rows = load_rows(out)
+        assert sorted({r["scorer"] for r in rows if r["method"] != "full"}) == want

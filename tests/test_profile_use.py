@@ -224,9 +224,14 @@ def test_press_setting_checks_at_construction_and_force_overrides(lm, tmp_path):
     with pytest.raises(ValueError, match="setting must be"):
         depthkv.press(model, "snapkv", profile=aware, setting="both", **PRESS)
     depthkv.press(model, "snapkv", profile=aware, setting="aware", **PRESS)
-    forced = depthkv.press(model, "h2o", profile=aware, setting="agnostic", force_profile=True, **PRESS)
+    forced = depthkv.press(model, "h2o", profile=aware, setting="agnostic", force_profile=True,
+                           strategy="optimal", head_budgets=False, **PRESS)
     comp = forced.compress(_ids())
     assert comp.budgets.strategy == "optimal" and comp.budgets.tokens[1] > comp.budgets.tokens[0]
+    # left open, the agnostic setting splits from each input's scores on the profile's floors, per head
+    default = depthkv.press(model, "h2o", profile=aware, setting="agnostic", force_profile=True, **PRESS)
+    assert (default.config.strategy, default.config.head_budgets) == ("adaptive", True)
+    assert sum(default.compress(_ids()).budgets.tokens) == sum(comp.budgets.tokens)
 
 
 # ---------------------------------------------------------------------------------------------- eval
@@ -311,7 +316,7 @@ def test_generate_and_compress_refuse_before_loading(lm, tmp_path, capsys, no_mo
     assert main(["generate", "--profile", str(agnostic), "--prompt-file", str(prompt)]) == 2
     assert "'snapkv' in the aware setting" in one_error_line(capsys.readouterr().err)
     assert main(["compress", "--profile", str(aware), "--context-file", str(prompt), "--out", str(out)]) == 2
-    assert "'snapkv' in the agnostic setting" in one_error_line(capsys.readouterr().err)
+    assert "'kvzip' in the agnostic setting" in one_error_line(capsys.readouterr().err)  # compress's default
     assert main(["generate", "--scorer", "h2o", "--profile", str(aware), "--prompt-file", str(prompt)]) == 2
     assert "--scorer h2o --setting aware" in one_error_line(capsys.readouterr().err)
     assert not out.exists()
@@ -325,6 +330,6 @@ def test_generate_and_compress_with_force_or_a_matching_profile(lm, tmp_path, ca
     assert main(["generate", "--profile", str(agnostic), "--force-profile", "--prompt-file", str(prompt),
                  "--max-new-tokens", "2", *common]) == 0, capsys.readouterr().err
     out = tmp_path / "ctx.dkv"
-    assert main(["compress", "--profile", str(agnostic), "--context-file", str(prompt), "--out", str(out),
-                 *common]) == 0, capsys.readouterr().err
+    assert main(["compress", "--scorer", "snapkv", "--profile", str(agnostic), "--context-file", str(prompt),
+                 "--out", str(out), *common]) == 0, capsys.readouterr().err
     assert out.exists()

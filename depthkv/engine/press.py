@@ -19,6 +19,7 @@ from torch import nn
 
 from depthkv.allocation.budgets import BudgetError, Budgets, check_ratio
 from depthkv.allocation.builder import BudgetPolicy, BudgetSpec
+from depthkv.allocation.defaults import press_defaults
 from depthkv.engine.cache import clone_cache, kv_bytes
 from depthkv.engine.compressed import CompressedContext, CompressionSettings, profile_sha256
 from depthkv.engine.reconstruct import ContextPassStats, reconstruct_scores
@@ -42,7 +43,7 @@ MODES = ("post", "chunked")
 class PressConfig:
     """Everything that decides what a press keeps. Give exactly one of ratio, budgets or policy."""
 
-    scorer: str | Scorer = "snapkv"
+    scorer: str | Scorer | None = None  # None: the setting's default (SnapKV; KVzip for "agnostic")
     ratio: float | None = None
     budgets: Budgets | None = None
     policy: BudgetPolicy | None = None
@@ -55,7 +56,8 @@ class PressConfig:
     strategy: str | None = None  # an allocator name (depthkv.allocation); with ratio=, splits it across layers
     profile: object | None = None  # a calibration Profile (or its path) for allocators that need one
     fast: bool | FastConfig = False  # greedy decoding with fixed-shape per-layer buffers (CUDA graph on GPU)
-    head_budgets: bool = False  # split each layer's budget across its KV heads by their scores (AdaKV-style)
+    # split each layer's budget across its KV heads by their scores (AdaKV-style); None: the setting's default
+    head_budgets: bool | None = None
     tokenizer: object | None = None  # the model's tokenizer, for scorers that build prompts (KVzip)
     # how the press will be used, checked against the profile's calibration at construction: "aware"
     # (generate with the question in the prompt), "agnostic" (compress, then answer); None: checked at each use
@@ -92,10 +94,21 @@ class PressConfig:
             return self.budgets.for_context
         return self.budget_spec(protection).policy(n_layers)
 
+    def fill_defaults(self, split_heads: bool = True) -> None:
+        """Set what the caller left open (scorer, strategy, head split: None) to the setting's measured-best
+        choices (``depthkv.allocation.defaults``); call once the profile is loaded."""
+        d = press_defaults(self.setting, self.profile, self.ratio, mode=self.mode, split_heads=split_heads)
+        if self.scorer is None:
+            self.scorer = d.scorer
+        if self.head_budgets is None:
+            self.head_budgets = d.head_budgets
+        if self.strategy is None and self.ratio is not None:
+            self.strategy = d.strategy
+
     def budget_spec(self, protection: Protection) -> BudgetSpec:
-        """ratio + strategy + profile as a ``BudgetSpec``: ``optimal`` when only a profile is given, else
-        ``uniform``; every pruned layer keeps at least the protected window (sinks + recent tokens)."""
-        strategy = self.strategy or ("optimal" if self.profile is not None else "uniform")
+        """ratio + strategy + profile as a ``BudgetSpec`` (strategy None: the setting's default); every pruned
+        layer keeps at least the protected window (sinks + recent tokens)."""
+        strategy = self.strategy or press_defaults(self.setting, self.profile, self.ratio, mode=self.mode).strategy
         return BudgetSpec(self.ratio, strategy, self.profile, tuple(self.protected_layers), max(1, protection.size))
 
 
@@ -118,6 +131,7 @@ class Press:
             if not isinstance(config.profile, Profile):
                 config.profile = Profile.load(config.profile)
             config.profile.check_model(model_identity(model, getattr(model, "name_or_path", "model")))
+        config.fill_defaults(split_heads=self.session.tp_group is None)
         self.scorer = bind_scorer(get_scorer(config.scorer, **config.scorer_options), model, config.tokenizer)
         if config.setting is not None:
             self._check_profile(config.setting)
@@ -341,7 +355,7 @@ def bind_scorer(scorer: Scorer, model: nn.Module, tokenizer=None) -> Scorer:
 
 def press(
     model: nn.Module,
-    scorer: str | Scorer = "snapkv",
+    scorer: str | Scorer | None = None,
     ratio: float | None = None,
     *,
     budgets: Budgets | None = None,
@@ -354,7 +368,7 @@ def press(
     strategy: str | None = None,
     profile: object | None = None,
     fast: bool | FastConfig = False,
-    head_budgets: bool = False,
+    head_budgets: bool | None = None,
     tokenizer: object | None = None,
     setting: str | None = None,
     force_profile: bool = False,
@@ -373,6 +387,11 @@ def press(
     the model's ``tokenizer`` for its repeat prompt (found next to the weights when not given). Input-adaptive
     allocators (``global``, ``adaptive``) split the budget from each input's own scores; ``head_budgets=True``
     also splits each layer's budget across its KV heads. The global budget stays exact in every case.
+
+    What is left open follows ``setting`` (``depthkv.allocation.defaults``): by default SnapKV with the
+    profile's ``optimal`` split (``uniform`` without one); with ``setting="agnostic"`` KVzip, the input-adaptive
+    split on the profile's floors (``adaptive-joint`` where refined at the ratio, ``global`` without a profile)
+    and per-head budgets, the best measured when the question comes after the compression.
 
     A ``profile`` is used only as it was calibrated (its scorer; "aware" for ``generate`` inside the block,
     "agnostic" for ``compress``): a mismatch raises ``ProfileError`` before any pruning, at construction

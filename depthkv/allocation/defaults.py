@@ -1,0 +1,57 @@
+"""What a press does when its caller names no scorer, strategy or head split: the settings measured best.
+
+One rule for every front end (``depthkv.press``, ``depthkv generate`` / ``compress``), from the
+Qwen2.5-Coder-1.5B runs in README "Which settings to use":
+
+* question inside the prompt (``setting="aware"``, or not said): SnapKV scores, the profile's static ``optimal``
+  split (``uniform`` without a profile), one budget per layer;
+* context compressed before the question (``setting="agnostic"``): KVzip scores (question-independent), split
+  from each input's own scores on top of the profile's floors (``adaptive-joint`` where the profile was refined
+  at this ratio, else ``adaptive``; ``global`` without a profile, as KVzip's own ranking) and per-KV-head budgets
+  inside each layer (at 4k tokens 0.71 / 0.61 of the full-cache score at ratio 0.8 / 0.9, a uniform KVzip split
+  0.31 / 0.08).
+
+Input-adaptive splits and head budgets rank the whole context's scores once, after the prefill: a chunked prefill
+(``mode="chunked"``) keeps a static split (``optimal-joint`` where refined, else ``optimal``) and one budget per
+layer; so does a tensor-parallel model (each rank holds other heads).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+AWARE_SCORER = "snapkv"
+AGNOSTIC_SCORER = "kvzip"
+
+
+@dataclass(frozen=True)
+class PressDefaults:
+    """The scorer, allocator and head split a press takes for what its caller left open."""
+
+    scorer: str
+    strategy: str
+    head_budgets: bool
+
+
+def refined_at(profile: Any, ratio: float | None) -> bool:
+    """Whether ``profile`` (a ``Profile`` or None) holds a refined split for ``ratio`` (``depthkv refine``)."""
+    if profile is None or ratio is None:
+        return False
+    refined = (getattr(profile, "data", None) or {}).get("refined") or {}
+    return any(abs(float(r) - float(ratio)) < 1e-9 for r in refined)
+
+
+def press_defaults(setting: str | None, profile: Any = None, ratio: float | None = None, *, mode: str = "post",
+                   split_heads: bool = True) -> PressDefaults:
+    """The measured-best choices for ``setting`` ("aware", "agnostic" or None = aware), given the calibration
+    ``profile`` (or None), the ``ratio``, the prefill ``mode`` and whether heads may get their own budgets
+    (``split_heads=False`` under tensor parallelism)."""
+    refined = refined_at(profile, ratio)
+    static = ("optimal-joint" if refined else "optimal") if profile is not None else "uniform"
+    if setting != "agnostic":
+        return PressDefaults(AWARE_SCORER, "optimal" if profile is not None else "uniform", False)
+    if mode != "post" or not split_heads:
+        return PressDefaults(AGNOSTIC_SCORER, static, False)
+    adaptive = ("adaptive-joint" if refined else "adaptive") if profile is not None else "global"
+    return PressDefaults(AGNOSTIC_SCORER, adaptive, True)

@@ -1,0 +1,50 @@
+"""What a press takes for what its caller leaves open: one rule per setting (depthkv.allocation.defaults)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+import depthkv
+from depthkv.allocation.defaults import press_defaults, refined_at
+
+REFINED = SimpleNamespace(data={"refined": {"0.8": {"shares": []}, "0.9": {"shares": []}}})
+PLAIN = SimpleNamespace(data={})
+
+
+@pytest.mark.parametrize("setting, profile, ratio, mode, heads, want", [
+    (None, None, 0.8, "post", True, ("snapkv", "uniform", False)),
+    ("aware", PLAIN, 0.8, "post", True, ("snapkv", "optimal", False)),
+    ("aware", REFINED, 0.8, "post", True, ("snapkv", "optimal", False)),
+    ("agnostic", None, 0.8, "post", True, ("kvzip", "global", True)),
+    ("agnostic", PLAIN, 0.8, "post", True, ("kvzip", "adaptive", True)),
+    ("agnostic", REFINED, 0.8, "post", True, ("kvzip", "adaptive-joint", True)),
+    ("agnostic", REFINED, 0.6, "post", True, ("kvzip", "adaptive", True)),  # not refined at 0.6
+    ("agnostic", REFINED, 0.9, "chunked", True, ("kvzip", "optimal-joint", False)),  # chunked: static split
+    ("agnostic", PLAIN, 0.9, "chunked", True, ("kvzip", "optimal", False)),
+    ("agnostic", None, 0.9, "chunked", True, ("kvzip", "uniform", False)),
+    ("agnostic", REFINED, 0.8, "post", False, ("kvzip", "optimal-joint", False)),  # tensor parallel
+])
+def test_press_defaults_table(setting, profile, ratio, mode, heads, want):
+    d = press_defaults(setting, profile, ratio, mode=mode, split_heads=heads)
+    assert (d.scorer, d.strategy, d.head_budgets) == want
+
+
+def test_refined_at_matches_ratios_as_numbers():
+    assert refined_at(REFINED, 0.8) and refined_at(REFINED, 0.9000000000001)
+    assert not refined_at(REFINED, 0.85) and not refined_at(PLAIN, 0.8) and not refined_at(None, 0.8)
+    assert not refined_at(REFINED, None)
+
+
+def test_press_fills_what_the_caller_left_open(tiny_models):
+    model = tiny_models("qwen2", "eager")
+    c = depthkv.press(model, ratio=0.5, setting="agnostic").config
+    assert (c.scorer, c.strategy, c.head_budgets) == ("kvzip", "global", True)
+    chunked = depthkv.press(model, ratio=0.5, setting="agnostic", mode="chunked", chunk_size=16).config
+    assert (chunked.scorer, chunked.strategy, chunked.head_budgets) == ("kvzip", "uniform", False)
+    aware = depthkv.press(model, ratio=0.5).config
+    assert (aware.scorer, aware.strategy, aware.head_budgets) == ("snapkv", "uniform", False)
+    # what the caller gives is kept
+    given = depthkv.press(model, "h2o", ratio=0.5, setting="agnostic", strategy="pyramid", head_budgets=False).config
+    assert (given.scorer, given.strategy, given.head_budgets) == ("h2o", "pyramid", False)
