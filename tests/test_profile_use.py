@@ -333,3 +333,18 @@ def test_generate_and_compress_with_force_or_a_matching_profile(lm, tmp_path, ca
     assert main(["compress", "--scorer", "snapkv", "--profile", str(agnostic), "--context-file", str(prompt),
                  "--out", str(out), *common]) == 0, capsys.readouterr().err
     assert out.exists()
+
+
+@pytest.mark.parametrize("method", ["optimal-joint", "adaptive-joint+heads"])
+def test_eval_refuses_ratios_the_profile_was_not_refined_at(lm, tmp_path, method):
+    """Before any model work: a refined split exists per ratio; a grid ratio without one is one clear line."""
+    prof = write_profile(lm, tmp_path / "aware.json")
+    with pytest.raises(EvalError, match="no refined budgets for ratio 0.8 .*refined ratios: none"):
+        _eval_config(prof, methods=("full", method), ratios=(0.8,)).validate()
+    data = json.loads(prof.read_text())
+    data["refined"] = {"0.8": {"shares": [0.3, 0.1, 0.3, 0.1]}}
+    prof.write_text(json.dumps(data))
+    _eval_config(prof, methods=("full", method), ratios=(0.8,)).validate()
+    with pytest.raises(EvalError, match="no refined budgets for ratio 0.6 .*refined ratios: 0.8") as exc:
+        _eval_config(prof, methods=("full", method), ratios=(0.6, 0.8)).validate()
+    assert "depthkv refine" in str(exc.value) and "\n" not in str(exc.value)

@@ -247,7 +247,7 @@ def _on_static(request: AllocationRequest, static: Budgets, scores, floor_share:
     return ranked_budgets(request, curves, floors, strategy)
 
 
-def _register_on_static(name: str, static_split, doc: str):
+def _register_on_static(name: str, static_split, doc: str, needs: tuple[str, ...] = ("degradation",)):
     """Register allocator ``name``: ``floor_share`` of ``static_split(request, sensitivity)`` as per-layer
     floors, the rest by the input's ranking."""
 
@@ -263,7 +263,7 @@ def _register_on_static(name: str, static_split, doc: str):
 
     allocate_on_static.__name__ = allocate_on_static.__qualname__ = f"allocate_{name.replace('-', '_')}"
     allocate_on_static.__doc__ = doc  # before registering: the registry's summary is its first line
-    return register_allocator(name, needs=("degradation", "scores"))(allocate_on_static)
+    return register_allocator(name, needs=(*needs, "scores"))(allocate_on_static)
 
 
 allocate_adaptive = _register_on_static(
@@ -273,7 +273,8 @@ allocate_adaptive_joint = _register_on_static(
     "adaptive-joint", allocate_optimal_joint,
     "Adaptive on the refined split: ``optimal-joint``'s budgets as the floor, the rest by the input's ranking.\n\n"
     "The floors are ``floor_share`` of the vector ``depthkv refine`` stored for this ratio (which accounts for the\n"
-    "damage of every layer pruned at once); a ratio the profile was not refined at is refused.")
+    "damage of every layer pruned at once); a ratio the profile was not refined at is refused.",
+    needs=("degradation", "refined"))
 
 
 HEAD_SPLIT_STEP = 1 << 24  # score entries per batched device step of ``head_split_layers``: bounds its memory

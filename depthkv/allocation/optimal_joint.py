@@ -70,7 +70,7 @@ def budgets_from_shares(
     return tokens_from_shares(shares, request, strategy)
 
 
-@register_allocator(NAME, needs=("degradation",))
+@register_allocator(NAME, needs=("degradation", "refined"))
 def allocate_optimal_joint(request: AllocationRequest, sensitivity: SensitivityView | None = None) -> Budgets:
     """Optimal-joint: the optimal vector refined on the joint degradation of all layers pruned (depthkv refine).
 

@@ -32,7 +32,7 @@ class AllocatorError(ValueError):
     """A misconfigured allocation call: unknown allocator or option, missing sensitivity or scores."""
 
 
-SENSITIVITY_NEEDS = ("degradation", "metric")  # parts of a SensitivityView (from a calibration profile)
+SENSITIVITY_NEEDS = ("degradation", "metric", "refined")  # parts of a SensitivityView (a calibration profile)
 INPUT_NEEDS = ("scores",)  # token scores of the current input, one entry per layer
 
 

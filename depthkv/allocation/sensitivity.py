@@ -135,15 +135,20 @@ class SensitivityView:
                 f"sensitivity was measured on {self.n_layers} layers but the request is for {n_layers} layers"
             )
 
-    def require(self, what: str, user: str) -> np.ndarray:
-        """The array ``what`` ("degradation" or "metric"), or a clear error naming the allocator ``user``."""
+    def require(self, what: str, user: str):
+        """The part ``what`` ("degradation", "metric" or "refined"), or a clear error naming the allocator
+        ``user``."""
         arr = getattr(self, what)
-        if arr is None:
-            hint = (
-                "run calibration with the ablation pass (per-layer degradation curves)"
-                if what == "degradation"
-                else "run calibration with the metrics pass (per-layer InfoNCE)"
+        if arr is None and what == "refined":
+            raise SensitivityError(
+                f"allocator {user!r} has no refined budgets in this profile (refined ratios: none); add them with: "
+                "depthkv refine --profile PROFILE --model MODEL --ratios R"
             )
+        if arr is None:
+            hint = {
+                "degradation": "run calibration with the ablation pass (per-layer degradation curves)",
+                "metric": "run calibration with the metrics pass (per-layer InfoNCE)",
+            }[what]
             raise SensitivityError(
                 f"allocator {user!r} needs {what} in the sensitivity view, which has none: {hint}"
             )

@@ -208,7 +208,9 @@ class EvalConfig:
             raise EvalError(f"task options for task(s) not in --tasks: {', '.join(unknown_opts)}")
 
     def _check_profile_use(self) -> None:
-        """Every (setting, scorer) of the grid must be how the profile was calibrated (unless forced)."""
+        """Every (setting, scorer) of the grid must be how the profile was calibrated (unless forced), and every
+        ratio of a method that reads refined splits (optimal-joint, adaptive-joint) must be refined in it."""
+        from depthkv.allocation import ALLOCATORS, SensitivityError
         from depthkv.allocation.profile import Profile, ProfileError
 
         try:
@@ -216,7 +218,12 @@ class EvalConfig:
             for setting in self.settings:
                 for scorer in self.scorers:
                     profile.check_use(scorer, setting, force=self.force_profile)
-        except ProfileError as exc:
+            view = profile.view()
+            for m in self.pruned_methods:  # refined splits exist per ratio: every ratio of the grid needs one
+                if "refined" in ALLOCATORS[split_method(m)[0]].needs:
+                    for r in self.ratios:
+                        view.refined_shares(r, m)
+        except (ProfileError, SensitivityError) as exc:
             raise EvalError(f"profile {self.profile}: {exc}") from None
 
     def command_line(self, out: str | Path | None = None) -> str:
