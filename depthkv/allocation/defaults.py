@@ -47,11 +47,11 @@ def press_defaults(setting: str | None, profile: Any = None, ratio: float | None
     """The measured-best choices for ``setting`` ("aware", "agnostic" or None = aware), given the calibration
     ``profile`` (or None), the ``ratio``, the prefill ``mode`` and whether heads may get their own budgets
     (``split_heads=False`` under tensor parallelism)."""
-    refined = refined_at(profile, ratio)
-    static = ("optimal-joint" if refined else "optimal") if profile is not None else "uniform"
     if setting != "agnostic":
         return PressDefaults(AWARE_SCORER, "optimal" if profile is not None else "uniform", False)
-    if mode != "post" or not split_heads:
+    refined = refined_at(profile, ratio)
+    if mode != "post" or not split_heads:  # one static split, one budget per layer
+        static = ("optimal-joint" if refined else "optimal") if profile is not None else "uniform"
         return PressDefaults(AGNOSTIC_SCORER, static, False)
     adaptive = ("adaptive-joint" if refined else "adaptive") if profile is not None else "global"
     return PressDefaults(AGNOSTIC_SCORER, adaptive, True)

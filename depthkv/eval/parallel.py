@@ -195,7 +195,7 @@ def run_parallel(
     :class:`~depthkv.eval.runner.EvalRun`.
     """
     import torch.multiprocessing as mp
-    from torch.multiprocessing.spawn import ProcessException  # not re-exported by every torch release
+    from torch.multiprocessing.spawn import ProcessException  # torch.multiprocessing does not re-export it
 
     t0 = time.perf_counter()
     devices = list(devices)
