@@ -122,8 +122,8 @@ def add_press_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", default=None,
                    help="allocator splitting --ratio across layers (uniform, pyramid, mlp, mga, mlma-k, "
                         "proportional, optimal, optimal-joint; input-adaptive: global, adaptive, adaptive-joint); "
-                        "default: optimal with --profile, else uniform; compress: adaptive-joint where the "
-                        "profile is refined at --ratio, else adaptive, global without --profile")
+                        "default: optimal with --profile, else uniform; compress: adaptive with --profile, else "
+                        "global")
     p.add_argument("--head-budgets", action=argparse.BooleanOptionalAction, default=None,
                    help="also split each layer's budget across its KV heads by their scores (post-prefill only; "
                         "default: on for compress, off for generate)")

@@ -19,8 +19,7 @@ PLAIN = SimpleNamespace(data={})
     ("aware", REFINED, 0.8, "post", True, ("snapkv", "optimal", False)),
     ("agnostic", None, 0.8, "post", True, ("kvzip", "global", True)),
     ("agnostic", PLAIN, 0.8, "post", True, ("kvzip", "adaptive", True)),
-    ("agnostic", REFINED, 0.8, "post", True, ("kvzip", "adaptive-joint", True)),
-    ("agnostic", REFINED, 0.6, "post", True, ("kvzip", "adaptive", True)),  # not refined at 0.6
+    ("agnostic", REFINED, 0.8, "post", True, ("kvzip", "adaptive", True)),  # refined floors: only when asked
     ("agnostic", REFINED, 0.9, "chunked", True, ("kvzip", "optimal-joint", False)),  # chunked: static split
     ("agnostic", PLAIN, 0.9, "chunked", True, ("kvzip", "optimal", False)),
     ("agnostic", None, 0.9, "chunked", True, ("kvzip", "uniform", False)),

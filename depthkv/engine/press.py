@@ -390,8 +390,8 @@ def press(
 
     What is left open follows ``setting`` (``depthkv.allocation.defaults``): by default SnapKV with the
     profile's ``optimal`` split (``uniform`` without one); with ``setting="agnostic"`` KVzip, the input-adaptive
-    split on the profile's floors (``adaptive-joint`` where refined at the ratio, ``global`` without a profile)
-    and per-head budgets, the best measured when the question comes after the compression.
+    split on the profile's floors (``adaptive``; ``global`` without a profile) and per-head budgets, the best
+    measured when the question comes after the compression.
 
     A ``profile`` is used only as it was calibrated (its scorer; "aware" for ``generate`` inside the block,
     "agnostic" for ``compress``): a mismatch raises ``ProfileError`` before any pruning, at construction
