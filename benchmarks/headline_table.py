@@ -67,6 +67,7 @@ FULLS = (FULL, KVPRESS_FULL)
 CSV_FIELDS = ("task", "sample_id", "setting", "method", "scorer", "ratio", "score", "kv_share", "new_tokens",
               "seconds", "run")
 ROW_KEYS = ("task", "sample_id", "setting", "method", "scorer", "ratio", "status", "score")
+SAME_SCORE = 1e-6  # repeated rows closer than this agree (a rows CSV keeps 6 significant digits)
 GZIP_ABOVE = 1_500_000  # bytes of CSV text above which the rows file is written gzipped
 
 
@@ -215,16 +216,18 @@ def load(folders: Iterable[Path], setting: str, *, strict_duplicates: bool = Fal
                 src, prev = first[(key, sid)]
                 d = dup.setdefault((run.name, src, lbl), {
                     "run": run.name, "first_run": src, "label": lbl, "rows": 0, "score_differs": 0,
-                    "output_differs": 0, "output_differs_by_task": Counter(), "max_abs_score_diff": 0.0,
-                    "score_differences": []})
+                    "output_differs": 0, "output_differs_by_task": Counter(), "output_missing": 0,
+                    "max_abs_score_diff": 0.0, "score_differences": []})
                 d["rows"] += 1
                 delta = abs(score - float(prev["score"]))
-                if delta > 0:
+                if delta > SAME_SCORE:
                     d["score_differs"] += 1
                     d["max_abs_score_diff"] = max(d["max_abs_score_diff"], delta)
                     d["score_differences"].append({"task": key[0], "sample_id": sid, "ratio": key[2],
                                                    "first": float(prev["score"]), "this": score})
-                if row.get("output") != prev.get("output"):
+                if row.get("output") is None or prev.get("output") is None:
+                    d["output_missing"] += 1  # e.g. rows rebuilt from a CSV: nothing to compare
+                elif row["output"] != prev["output"]:
                     d["output_differs"] += 1
                     d["output_differs_by_task"][key[0]] += 1
                 continue
@@ -595,6 +598,8 @@ def render_markdown(s: Summary, meta: dict, opts: Options, data: Data, outputs: 
         text += f"; output text differs in {d['output_differs']}"
         if d["output_differs_by_task"]:
             text += " (" + ", ".join(f"{t} {n}" for t, n in d["output_differs_by_task"].items()) + ")"
+        if d["output_missing"]:
+            text += f", not compared in {d['output_missing']} (no output text in one of the rows)"
         lines.append(text + f". The rows of {d['first_run']} are used.")
     if data.duplicates:
         lines.append("")

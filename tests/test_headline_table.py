@@ -128,6 +128,23 @@ def test_tasks_filter_keeps_only_those_tasks(tmp_path):
     assert "--tasks alpha" in only.with_suffix(".md").read_text()
 
 
+def test_repeated_rows_without_output_text_are_not_counted_as_differing(tmp_path):
+    """Rows rebuilt from a CSV carry no output text and rounded scores: their repeats are "not compared" and
+    "the same score", not "different"."""
+    a = write_run(tmp_path / "aw", {"alpha": {"full": [1, 1, 0, 0], "uniform/snapkv": [1, 0, 0, 0]}})
+    rows = [json.loads(line) for line in (a / "results.jsonl").read_text().splitlines()]
+    for r in rows:  # off by less than a rows CSV's 6 significant digits can show: the same score
+        r["score"] += 4e-7
+    (a / "results.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "output"}) + "\n"
+                                             for r in rows))
+    b = write_run(tmp_path / "awj", {"alpha": {"full": [1, 1, 0, 0], "optimal-joint/snapkv": [1, 1, 0, 0]}})
+    out = tmp_path / "res" / "merged"
+    assert run([a, b, "--setting", "aware", "--out", out, *N_BOOT]) == 0
+    (dup,) = json.loads(out.with_suffix(".json").read_text())["duplicates"]
+    assert (dup["rows"], dup["score_differs"], dup["output_differs"], dup["output_missing"]) == (4, 0, 0, 4)
+    assert "output text differs in 0, not compared in 4" in out.with_suffix(".md").read_text()
+
+
 def test_merged_folders_with_repeated_full_rows(tmp_path):
     a = write_run(tmp_path / "aw", {"alpha": {"full": [1, 1, 0, 0], "uniform/snapkv": [1, 0, 0, 0]}})
     b = write_run(tmp_path / "awj", {"alpha": {"full": [1, 1, 1, 0], "optimal-joint/snapkv": [1, 1, 0, 0]}})
@@ -140,7 +157,7 @@ def test_merged_folders_with_repeated_full_rows(tmp_path):
                                                                                              4, 1)
     assert dup["score_differences"] == [{"task": "alpha", "sample_id": "alpha/s2", "ratio": 0.0, "first": 0.0,
                                          "this": 1.0}]
-    assert dup["output_differs"] == 1 and dup["output_differs_by_task"] == {"alpha": 1}
+    assert dup["output_differs"] == 1 and dup["output_differs_by_task"] == {"alpha": 1} and dup["output_missing"] == 0
     cells = {c["label"]: c for c in res["cells"]}
     assert cells["optimal-joint/snapkv"]["retention"] == pytest.approx(0.5 / 0.5)  # the first folder's full
     assert cells["optimal-joint/snapkv"]["full_mean"] == pytest.approx(0.5)
