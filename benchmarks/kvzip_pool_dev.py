@@ -15,9 +15,9 @@ the evaluation split is what results are reported on and is never tuned on), in 
 
 A variant is a (normalisation, kernel) pair, labelled ``ctx/k1``, ``ctx/k3``, ``chunk/k1``, ...; the baseline
 is ``ctx/k1`` (the default scorer), so ``--normalise`` must include ``context`` and ``--kernels`` must
-include 1. Per sample, with the library's score-once/prune-many path: one prefill and KVzip reconstruction per
-normalisation (``depthkv.engine.score_prefill``; the prefill is repeated because the scores of two KVzip
-instances would share one name), then for every kernel the pooled scores
+include 1. Per sample, with the library's score-once/prune-many path: one prefill
+(``depthkv.engine.score_prefill``) and one KVzip reconstruction per normalisation on its cache
+(``ScoredPrefill.rescored``), then for every kernel the pooled scores
 (``depthkv.scorers.kvzip.span_max_pool``: exactly the scores ``KVzip(kernel=k)`` records, since max-pooling
 commutes with KVzip's max over reconstruction queries and chunks) and for every ratio the budgets from
 ``BudgetSpec`` with the input-adaptive ``adaptive`` allocator on the given profile, a per-KV-head split
@@ -239,7 +239,7 @@ def _decode(model, tokenizer, caches: list, full_ids, max_new: int, batch: int) 
 
 
 def run_sample(lm, cfg: DevConfig, specs: dict, scorers: dict, task: str, sample, count) -> dict[str, Any]:
-    """One calibration sample: prefill + reconstruction per normalisation (``scorers``: normalise -> bound
+    """One calibration sample: one prefill, a reconstruction per normalisation (``scorers``: normalise -> bound
     KVzip), then prune per (kernel, ratio), decode every cache together, score."""
     import torch
 
@@ -255,14 +255,17 @@ def run_sample(lm, cfg: DevConfig, specs: dict, scorers: dict, task: str, sample
     cells: list[dict[str, Any]] = [{"ratio": 0.0, "normalise": None, "kernel": None, "variant": "full"}]
     caches: list = []
     t_score, t_replay = 0.0, {}
+    first = None
     for m in cfg.normalise:
         scorer = scorers[m]
         t0 = time.perf_counter()
-        sp = score_prefill(model, prefix, [scorer], Protection(N_SINK, N_RECENT))
+        if first is None:  # one prefill; every further normalisation replays on its cache
+            sp = first = score_prefill(model, prefix, [scorer], Protection(N_SINK, N_RECENT))
+            caches.append(sp.full_cache())
+        else:
+            sp = first.rescored(model, prefix, scorer)
         t_score += time.perf_counter() - t0
         t_replay[m] = round(sp.context_pass.seconds, 2)
-        if not caches:
-            caches.append(sp.full_cache())
         for k in cfg.kernels:
             pooled = [span_max_pool(s, k) for s in sp.scores[scorer.name]]  # == KVzip(kernel=k)'s scores
             view = dataclasses.replace(sp, scores={scorer.name: pooled})
@@ -271,7 +274,7 @@ def run_sample(lm, cfg: DevConfig, specs: dict, scorers: dict, task: str, sample
                 caches.append(view.prune(scorer.name, budgets, head_budgets=True))
                 cells.append({"ratio": r, "normalise": m, "kernel": k, "variant": variant_label(m, k),
                               "budgets": list(budgets.tokens)})
-        del sp, view, pooled  # the pruned caches are copies: free this prefill's full cache and scores
+        del sp, view, pooled  # the pruned caches are copies: free this normalisation's scores
     t1 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     texts = _decode(model, tok, caches, full_ids, MAX_NEW_TOKENS.get(task, 64), cfg.decode_batch)

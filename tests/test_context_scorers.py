@@ -84,6 +84,27 @@ def test_kvzip_chunk_normalisation_equals_renormalised_attention(tiny_models, ar
         assert any(not torch.allclose(g, p, atol=1e-4) for g, p in zip(got, plain))
 
 
+def test_rescored_replays_on_the_same_prefill(tiny_models):
+    """Another KVzip variant on one prefill: the same scores as its own score_prefill, the cache left as it was."""
+    model = tiny_models("qwen2", "eager")
+    ctx = _ids(90, seed=2)
+    plain = KVzip(replay_chunk=33, prompt_ids=PROMPT)
+    chunk = KVzip(replay_chunk=33, prompt_ids=PROMPT, normalise="chunk")
+    sp = score_prefill(model, ctx, [plain], Protection())
+    before = [layer.keys.clone() for layer in sp.cache.layers]
+    again = sp.rescored(model, ctx, chunk)
+    want = score_prefill(model, ctx, [chunk], Protection()).scores["kvzip"]
+    for got, w in zip(again.scores["kvzip"], want, strict=True):
+        torch.testing.assert_close(got, w)
+    assert again.context_pass.forwards == 3 and again.cache is sp.cache
+    assert all(torch.equal(b, layer.keys) for b, layer in zip(before, sp.cache.layers, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(sp.scores["kvzip"], again.scores["kvzip"], strict=True))
+    with pytest.raises(ValueError, match="reads the prefill itself"):
+        sp.rescored(model, ctx, get_scorer("snapkv"))
+    with pytest.raises(ValueError, match="unpadded sequence of 90 tokens"):
+        sp.rescored(model, ctx[:, :50], chunk)
+
+
 def test_kvzip_chunk_masked_path_equals_subset_path():
     """Heads seeing different numbers of keys (a per-head pruned cache) take the masked path: same scores."""
     g = torch.Generator().manual_seed(3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -176,6 +177,24 @@ class ScoredPrefill:
     def full_cache(self) -> DynamicCache:
         """A copy of the unpruned cache (for the reference side of a comparison)."""
         return clone_cache(self.cache)
+
+    @torch.no_grad()
+    def rescored(self, model: nn.Module, input_ids: torch.Tensor, scorer: Scorer) -> ScoredPrefill:
+        """This prefill with the scores of another context-pass scorer (e.g. a KVzip variant, whose scores
+        share the name of the first): its replay runs on this prefill's cache, left as it was, and no second
+        prefill is needed. ``input_ids`` are the prefilled ids."""
+        from depthkv.engine.reconstruct import reconstruct_scores
+
+        if not scorer.context_pass:
+            raise ValueError(f"scorer {scorer.name!r} reads the prefill itself: give it to score_prefill")
+        if self.n_pad is not None or tuple(input_ids.shape) != (1, self.context_len):
+            raise ValueError(f"rescored() replays the one unpadded sequence of {self.context_len} tokens this "
+                             f"prefill holds, got input ids of shape {tuple(input_ids.shape)}")
+        with Session(model) as session:
+            session.set_plan(Plan(kind="off", protection=self.protection))
+            stats = reconstruct_scores(model, session, self.cache, input_ids, [scorer], self.protection)
+            scores = {scorer.name: list(session.scores[scorer.name])}
+        return dataclasses.replace(self, scores=scores, context_pass=stats)
 
 
 @torch.no_grad()
