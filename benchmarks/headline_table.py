@@ -15,9 +15,10 @@ Definitions. Retention of a method on a task = its mean score / the full cache's
 samples (kvpress rows are divided by the full cache of their own harness). Suite-mean retention = the mean
 of the task retentions over the tasks whose full-cache mean reaches ``--min-full`` (a task the full cache
 fails measures nothing; those tasks are listed, and still shown per task). Paired difference = mean over
-tasks of the per-task mean of (method - baseline) on the samples both scored, with the same scorer and
-ratio, for every method against each baseline and for each baseline against the ones listed before it
-(``--baselines uniform,kvpress:kvzip``: everything against uniform, depthkv against kvpress's KVzip).
+tasks of the per-task mean of (method - baseline) on the samples both scored, at the same ratio and with the
+same scorer (a kvpress baseline: with every scorer, as another tool at the same ratio), for every method
+against each baseline and for each baseline against the ones listed before it (``--baselines
+uniform,kvpress:kvzip``: everything against uniform, depthkv against kvpress's KVzip).
 Every 95 % CI is a percentile bootstrap (``depthkv.calibration.stats``) that resamples sample ids within
 each task and recomputes numerator and denominator together; the verdict says whether a difference
 CI lies above 0 (``for``), below 0 (``against``) or covers it (``inconclusive``). CIs are per comparison,
@@ -63,6 +64,9 @@ from depthkv.io import atomic_write, write_json
 
 FULL = "full"
 KVPRESS_FULL = "full (kvpress harness)"
+# kvpress presses that wrap another press's scores sit in the panel of the scores they rank (AdaKV over Expected
+# Attention next to Expected Attention)
+PRESS_SCORER = {"adakv_ea": "expected_attention"}
 FULLS = (FULL, KVPRESS_FULL)
 CSV_FIELDS = ("task", "sample_id", "setting", "method", "scorer", "ratio", "score", "kv_share", "new_tokens",
               "seconds", "run")
@@ -141,7 +145,8 @@ def scorer_of(lbl: str) -> str | None:
     if lbl in FULLS:
         return None
     if lbl.startswith("kvpress:"):
-        return lbl.split(":", 1)[1]
+        press = lbl.split(":", 1)[1]
+        return PRESS_SCORER.get(press, press)
     return lbl.rsplit("/", 1)[1]
 
 
@@ -407,7 +412,9 @@ def summarise(data: Data, opts: Options) -> Summary:
             if rank.get(method_of(lbl), len(rank)) <= bi:  # the baseline itself, or an earlier baseline
                 continue
             blbl = baseline_label(base, scorer_of(lbl))
-            if (blbl, r) not in key_set or scorer_of(blbl) != scorer_of(lbl):
+            # a depthkv baseline pairs with the methods of its own scorer; a kvpress press (another tool at the
+            # same ratio) with every method, whatever its scorer
+            if (blbl, r) not in key_set or (not base.startswith("kvpress:") and scorer_of(blbl) != scorer_of(lbl)):
                 continue
             per_task, groups, missing = [], [], []
             for task in all_tasks:

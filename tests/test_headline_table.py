@@ -212,6 +212,29 @@ def test_kvpress_rows_join_on_common_samples(tmp_path, monkeypatch):
     assert text.startswith("# made by:") and "kvpress:kvzip" in text and "date not recorded" in text
 
 
+def test_kvpress_baselines_pair_with_every_scorer_and_adakv_sits_with_its_scores(tmp_path):
+    dk = write_run(tmp_path / "ag", {
+        "alpha": {"full": [1, 1, 1, 1], "uniform/kvzip": [0, 0, 1, 1], "optimal/snapkv": [1, 1, 0, 0],
+                  "optimal/expected_attention": [1, 0, 0, 0]},
+    }, setting="agnostic")
+    kp = write_run(tmp_path / "kp", {"alpha": {"full": [1, 1, 1, 1], "kvpress:kvzip": [1, 0, 1, 0],
+                                               "kvpress:adakv_ea": [0, 0, 0, 1]}},
+                   kind="kvpress-agnostic", setting="agnostic")
+    out = tmp_path / "ag_out"
+    assert run([dk, kp, "--setting", "agnostic", "--baselines", "uniform,kvpress:kvzip,kvpress:adakv_ea",
+                "--out", out, *N_BOOT]) == 0
+    res = json.loads(out.with_suffix(".json").read_text())
+    paired = {(p["label"], p["baseline"]): p["diff"] for p in res["paired"]}
+    # a depthkv baseline stays within its scorer: uniform/kvzip is no baseline of the snapkv method
+    assert ("optimal/snapkv", "uniform/snapkv") not in paired and ("optimal/snapkv", "uniform/kvzip") not in paired
+    # kvpress presses are another tool at the same ratio: every method meets them, whatever its scorer
+    assert paired[("optimal/snapkv", "kvpress:kvzip")] == pytest.approx(0.0)  # [1,1,0,0] - [1,0,1,0]
+    assert paired[("optimal/expected_attention", "kvpress:adakv_ea")] == pytest.approx(0.0)
+    assert paired[("kvpress:adakv_ea", "kvpress:kvzip")] == pytest.approx(-0.25)  # a later baseline vs an earlier
+    assert ht.scorer_of("kvpress:adakv_ea") == "expected_attention"  # AdaKV ranks Expected Attention's scores
+    assert "### scorer adakv_ea" not in out.with_suffix(".md").read_text()
+
+
 @pytest.mark.parametrize("case, message", [
     ("baseline", "unknown baseline 'pyramid'; methods in the data: optimal, uniform"),
     ("setting", "no scored rows with setting 'agnostic'; settings found: aware (12 rows)"),
