@@ -22,7 +22,10 @@
 # optimal-joint; agnostic: full,uniform,optimal,adaptive,global+heads,adaptive+heads,optimal-joint,
 # adaptive-joint+heads; the *-joint ones once the profile is refined), SCORERS (aware: snapkv;
 # agnostic: kvzip), SCORER (calibrate: the profile's scorer; eval: the default SCORERS and profile), RATIOS [0.6,0.8,0.9], PROFILE [the step's own profile; "none" for none], CALIB_CTX [4096],
-# CALIB_SAMPLES [64], REFINE [0.8,0.9] ratios refined (REFINE_SAMPLES [16] of the calibration samples), LIMIT [540] seconds per step, DEVICE [cuda], DEVICES (e.g. 0,1:
+# CALIB_SAMPLES [64], REFINE [0.8,0.9] ratios refined (REFINE_SAMPLES [16] of the calibration samples), LIMIT [540] seconds per step,
+# DEADLINE (epoch seconds: each step's limit is also cut to end by then, and a step that would get under 10 s
+# does not start; for several steps side by side in one device call, e.g. `export DEADLINE=$(($(date +%s)+550));
+# DEVICE=cuda:0 bash ... eval A & DEVICE=cuda:1 bash ... eval B & wait`), DEVICE [cuda], DEVICES (e.g. 0,1:
 # data-parallel over those GPUs, one worker process each), TORCHRUN (e.g. 2: the same under torchrun, ranks joined
 # by an NCCL group), DECODE_BATCH [48] cells decoded together (one fast-path batch, which also takes the cells of
 # consecutive samples), NO_PROXY [unset]
@@ -42,6 +45,13 @@ CALIB_SAMPLES=${CALIB_SAMPLES:-64}
 REFINE=${REFINE-0.8,0.9}  # REFINE= (empty): no refinement
 REFINE_SAMPLES=${REFINE_SAMPLES:-16}
 LIMIT=${LIMIT:-540}
+# seconds the next step may run: LIMIT, cut to DEADLINE when one is set (prints 0 when under 10 s are left)
+limit() {
+  local l=$LIMIT
+  if [ -n "${DEADLINE:-}" ]; then l=$(( DEADLINE - $(date +%s) )); [ "$l" -gt "$LIMIT" ] && l=$LIMIT; fi
+  [ "$l" -lt 10 ] && l=0
+  echo "$l"
+}
 RUNS=${RUNS:-/root/runs}
 DEVICE=${DEVICE:-cuda}
 DECODE_BATCH=${DECODE_BATCH:-48}
@@ -65,13 +75,13 @@ calibrate)
   if [ -f "$out" ]; then
     echo "profile exists: $out"
   else
-    timeout "$LIMIT" python3 -m depthkv calibrate --model "$MODEL" --device "$DEVICE" --scorer "$(scorer_for "$setting")" \
+    L=$(limit); [ "$L" -gt 0 ] && timeout "$L" python3 -m depthkv calibrate --model "$MODEL" --device "$DEVICE" --scorer "$(scorer_for "$setting")" \
       --setting "$setting" --samples "$CALIB_SAMPLES" --context-tokens "$CALIB_CTX" --probe-ratios 0.5,0.8,0.95,1.0 \
       "${proxy[@]}" --out "$out" 2>&1 | tail -n 30 || echo "calibrate failed or stopped at the limit"
   fi
   # refine the optimal budgets on the joint damage of all layers pruned (strategy optimal-joint), in place
   if [ -n "$REFINE" ] && [ -f "$out" ] && ! has_refined "$out"; then
-    timeout "$LIMIT" python3 -m depthkv refine --model "$MODEL" --device "$DEVICE" --profile "$out" \
+    L=$(limit); [ "$L" -gt 0 ] && timeout "$L" python3 -m depthkv refine --model "$MODEL" --device "$DEVICE" --profile "$out" \
       --ratios "$REFINE" --samples "$REFINE_SAMPLES" 2>&1 | tail -n 10 || echo "refine failed or stopped at the limit"
   fi
   ;;
@@ -93,10 +103,10 @@ eval)
   [ -n "${TASK_OPTIONS:-}" ] && extra+=(--task-options "$TASK_OPTIONS")
   # a profile serves the scorers it was not calibrated with only on purpose: say so in the run's record
   [ "$profile" != none ] && [ "$scorers" != "$(scorer_for "$SETTING")" ] && extra+=(--force-profile)
-  timeout "$LIMIT" "${depthkv[@]}" eval --model "$MODEL" "${devices[@]}" --tasks "$TASKS" --settings "$SETTING" \
+  L=$(limit); [ "$L" -gt 0 ] && timeout "$L" "${depthkv[@]}" eval --model "$MODEL" "${devices[@]}" --tasks "$TASKS" --settings "$SETTING" \
     --methods "$methods" --scorers "$scorers" --ratios "$RATIOS" --samples "$SAMPLES" --context-tokens "$CTX" \
     --decode-batch "$DECODE_BATCH" "${extra[@]}" --no-progress --out "$RUNS/$name" 2>&1 | tail -n 40 \
-    || echo "eval stopped (limit $LIMIT s or error); run again to resume"
+    || echo "eval stopped (limit ${L} s, error, or no time left before DEADLINE); run again to resume"
   ;;
 kvpress)
   name=${2:-kp}
@@ -109,10 +119,10 @@ kvpress)
     echo 'def Fire(*a, **k): raise ImportError("fire is not installed")' > /tmp/kvsite/fire/__init__.py
   fi
   kvpress_run() {  # DEVICE TASKS OUT
-    PYTHONPATH=/tmp/kvsite:$PYTHONPATH timeout "$LIMIT" python3 benchmarks/kvpress_agnostic.py --model "$MODEL" \
+    L=$(limit); [ "$L" -gt 0 ] && PYTHONPATH=/tmp/kvsite:$PYTHONPATH timeout "$L" python3 benchmarks/kvpress_agnostic.py --model "$MODEL" \
       --device "$1" --tasks "$2" --samples "$SAMPLES" --context-tokens "$CTX" --ratios "$RATIOS" \
       --presses "${PRESSES:-kvzip,expected_attention,adakv_ea}" --out "$3" 2>&1 | tail -n 30 \
-      || echo "kvpress stopped (limit $LIMIT s or error); run again to resume"
+      || echo "kvpress stopped (limit ${L} s, error, or no time left before DEADLINE); run again to resume"
   }
   if [ -n "${DEVICES:-}" ]; then
     # one process per GPU, the tasks dealt round-robin; folders NAME_d0, NAME_d1, ... (headline_table merges them)

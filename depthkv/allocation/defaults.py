@@ -22,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from depthkv.allocation.sensitivity import refined_entry
+
 AWARE_SCORER = "snapkv"
 AGNOSTIC_SCORER = "kvzip"
 
@@ -39,8 +41,7 @@ def refined_at(profile: Any, ratio: float | None) -> bool:
     """Whether ``profile`` (a ``Profile`` or None) holds a refined split for ``ratio`` (``depthkv refine``)."""
     if profile is None or ratio is None:
         return False
-    refined = (getattr(profile, "data", None) or {}).get("refined") or {}
-    return any(abs(float(r) - float(ratio)) < 1e-9 for r in refined)
+    return refined_entry((getattr(profile, "data", None) or {}).get("refined"), ratio) is not None
 
 
 def press_defaults(setting: str | None, profile: Any = None, ratio: float | None = None, *, mode: str = "post",

@@ -18,6 +18,16 @@ class SensitivityError(ValueError):
     """A sensitivity view that is malformed or lacks what an allocator needs."""
 
 
+def refined_entry(refined: Mapping | None, ratio: float):
+    """What ``refined`` (ratio -> refined split, keys numbers or the strings a profile file holds) stores for
+    ``ratio``, or None. A refined split serves only the ratio it was refined at (within 1e-9): the one rule for
+    matching ratios to refined splits."""
+    for key, value in (refined or {}).items():
+        if abs(float(key) - float(ratio)) <= 1e-9:
+            return value
+    return None
+
+
 def _frozen(a: np.ndarray) -> np.ndarray:
     a = np.array(a, dtype=np.float64, copy=True)
     a.setflags(write=False)
@@ -111,9 +121,9 @@ class SensitivityView:
 
     def refined_shares(self, ratio: float, user: str) -> np.ndarray:
         """The refined per-layer shares at ``ratio``, or a clear error naming the ratios available."""
-        for key, shares in (self.refined or {}).items():
-            if abs(key - float(ratio)) <= 1e-9:
-                return shares
+        shares = refined_entry(self.refined, ratio)
+        if shares is not None:
+            return shares
         have = ", ".join(f"{r:g}" for r in sorted(self.refined or {})) or "none"
         raise SensitivityError(
             f"allocator {user!r} has no refined budgets for ratio {float(ratio):g} in this profile (refined "
