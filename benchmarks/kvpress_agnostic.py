@@ -24,6 +24,7 @@ import argparse
 import json
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 PRESSES = ("kvzip", "expected_attention", "adakv_ea", "snapkv")
@@ -108,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from depthkv.eval.results import ResultsWriter, cell_key
     from depthkv.eval.runner import MAX_NEW_TOKENS, EvalConfig, load_samples, prompt_ids
+    from depthkv.io import write_json
     from depthkv.models import load_model
     from depthkv.tasks.metrics import METRICS, score
     from depthkv.tasks.prompt import token_counter
@@ -130,8 +132,15 @@ def main(argv: list[str] | None = None) -> int:
     eos = {int(tok.eos_token_id)} | {int(e) for e in ([model.generation_config.eos_token_id] if isinstance(
         model.generation_config.eos_token_id, int) else (model.generation_config.eos_token_id or []))}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "config.json").write_text(json.dumps({"kind": "kvpress-agnostic", **vars(args), "out": str(args.out),
-                                                      "model_name": lm.name}, indent=1) + "\n")
+    cfg_path = args.out / "config.json"
+    try:  # a resumed run keeps the date it was started
+        created = json.loads(cfg_path.read_text()).get("created")
+    except (OSError, ValueError, AttributeError):
+        created = None
+    write_json(cfg_path, {"kind": "kvpress-agnostic", **vars(args), "out": str(args.out), "model_name": lm.name,
+                          "created": created or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                          "command": " ".join(["python", "benchmarks/kvpress_agnostic.py", *(argv or sys.argv[1:])])},
+               indent=1)
     t_start = time.perf_counter()
     with ResultsWriter(args.out / "results.jsonl") as writer:
         for label, group in samples.items():
