@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import transformers
+
+# The benchmark scripts import their helpers as ``from _common import ...`` (``python benchmarks/X.py`` puts
+# their folder on sys.path); tests that import a script (``import headline_table``) get the same path, set here.
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+if str(BENCHMARKS) not in sys.path:
+    sys.path.append(str(BENCHMARKS))
 
 ARCHS = ("llama", "qwen2")
 # options a scorer needs on tiny models that have no tokenizer (KVzip's repeat prompt, as token ids)

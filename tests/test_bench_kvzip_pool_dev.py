@@ -10,15 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 @pytest.fixture(scope="module")
 def bench():
-    mp = pytest.MonkeyPatch()
-    mp.syspath_prepend(str(ROOT / "benchmarks"))
-    yield importlib.import_module("kvzip_pool_dev")
-    mp.undo()
+    return importlib.import_module("kvzip_pool_dev")
 
 
 @pytest.mark.parametrize("bad, words", [

@@ -17,22 +17,17 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
+import decode_kernel_sweep as sweep
 import pytest
+import throughput as tp
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from depthkv.engine import decode_kernel
 from depthkv.engine.decode_kernel import DEFAULT_CONFIG, KernelConfig
-
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-if str(BENCH) not in sys.path:
-    sys.path.insert(0, str(BENCH))
-
-import decode_kernel_sweep as sweep  # noqa: E402
-import throughput as tp  # noqa: E402
+from tests.conftest import BENCHMARKS
 
 # a two-stage sweep small enough for the interpreter: 4 tiles (the default among them), then the best one at
 # the two other split targets
@@ -74,7 +69,7 @@ def test_the_untuned_config_splits_as_the_former_heuristic(b, kvh, c):
 
 def test_default_is_the_config_the_h200_sweep_chose():
     """benchmarks/results/decode_kernel_h200/best_kernel.json: the sweep's best over its five shapes."""
-    best = json.loads((BENCH / "results" / "decode_kernel_h200" / "best_kernel.json").read_text())
+    best = json.loads((BENCHMARKS / "results" / "decode_kernel_h200" / "best_kernel.json").read_text())
     assert KernelConfig.from_dict(best) == DEFAULT_CONFIG
 
 
@@ -189,7 +184,7 @@ def interpreted(tmp_path_factory):
     cases = all_cases()
     torch.save(cases, tmp / "in.pt")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    argv = [str(tmp / "in.pt"), str(tmp / "out.pt"), str(BENCH), str(tmp / "sweep.out"), *SWEEP_TINY,
+    argv = [str(tmp / "in.pt"), str(tmp / "out.pt"), str(BENCHMARKS), str(tmp / "sweep.out"), *SWEEP_TINY,
             "--out", str(tmp / "sweep")]
     proc = subprocess.run([sys.executable, "-c", RUNNER, *argv], env=env, capture_output=True, text=True,
                           timeout=300)

@@ -214,11 +214,8 @@ def test_torchrun_with_a_process_group_merges_to_the_one_device_rows(model_dir, 
 
 def test_same_rows_script_compares_what_a_run_decides(tmp_path, capsys):
     """benchmarks/same_rows.py: timings may differ, outputs, scores, budgets and the set of cells may not."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import same_rows
-    finally:
-        sys.path.pop(0)
+    import same_rows
+
     row = dict(task="needle", sample_id="s0", setting="aware", method="uniform", scorer="snapkv", ratio=0.5,
                output="42", score=1.0, budgets=[3, 3], seconds=1.0)
 

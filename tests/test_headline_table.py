@@ -7,19 +7,13 @@ from __future__ import annotations
 import csv
 import gzip
 import json
-import sys
 from pathlib import Path
 
+import headline_table as ht
 import numpy as np
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-if str(BENCH) not in sys.path:
-    sys.path.insert(0, str(BENCH))
-
-import headline_table as ht  # noqa: E402
-
-from depthkv.calibration.stats import stratified_bootstrap_ci  # noqa: E402
+from depthkv.calibration.stats import stratified_bootstrap_ci
 
 # task -> method label -> scores of samples s0, s1, ... (ratio 0.8 unless the label says otherwise)
 SCORES = {

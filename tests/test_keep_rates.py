@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
+import keep_rates as kr
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-if str(BENCH) not in sys.path:
-    sys.path.insert(0, str(BENCH))
-
-import keep_rates as kr  # noqa: E402
-
-from depthkv.tasks.registry import generate  # noqa: E402
+from depthkv.tasks.registry import generate
 
 
 def test_vartrack_facts_are_its_statements():

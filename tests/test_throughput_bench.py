@@ -8,17 +8,10 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
-from pathlib import Path
 
 import pytest
+import throughput as tp
 import torch
-
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-if str(BENCH) not in sys.path:
-    sys.path.insert(0, str(BENCH))
-
-import throughput as tp  # noqa: E402
 
 SMOKE = ["--model", "random:tiny-32l", "--contexts", "256", "--ratios", "0,0.8", "--memory-gib", "0.25",
          "--steps", "4", "--dtype", "float32", "--device", "cpu"]  # float32: bfloat16 matmuls are slow on CPU

@@ -56,11 +56,8 @@ def smoke(tmp_path_factory) -> tuple[dict, list[dict]]:
 
 
 def _shape(name: str) -> dict:
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        from _common import SHAPES
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    from _common import SHAPES
+
     return SHAPES[name]
 
 
