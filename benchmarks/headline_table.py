@@ -552,7 +552,8 @@ def render_markdown(s: Summary, meta: dict, opts: Options, data: Data, outputs: 
 
     among = "; each baseline is also compared with the baselines listed before it" if len(opts.baselines) > 1 else ""
     lines += [f"## Paired differences vs {', '.join(opts.baselines)} (score of method - baseline)", "",
-              f"Suite mean of the per-task mean differences on the samples both scored (same scorer and ratio){among}.",
+              "Suite mean of the per-task mean differences on the samples both scored (same ratio; same scorer, "
+              f"except against a kvpress press){among}.",
               "", "| scorer | ratio | method | baseline | pairs | difference [CI] | verdict |",
               "|---|---:|---|---|---:|---|---|"]
     order = {lbl: i for i, lbl in enumerate(_method_order(s.labels, opts.baselines))}
