@@ -92,8 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     ratios = [float(r) for r in args.ratios.split(",")]
     lm = load_model(args.model, device=args.device)
     model, tok = lm.model, lm.tokenizer
-    scorer = get_scorer(args.scorer)
-    scorer = scorer.bind(tok) if hasattr(scorer, "bind") else scorer
+    scorer = get_scorer(args.scorer).bind(tok)  # KVzip's repeat prompt needs the model's tokenizer
     protection = Protection()
     n_layers = model.config.num_hidden_layers
     cells: dict[str, dict[str, list[float]]] = {}

@@ -12,7 +12,7 @@
 #                                                    # with DEVICES: the tasks split over the GPUs, NAME_d<i>
 #   bash benchmarks/qwen_gpu.sh dpcheck              # data-parallel eval on 2 GPUs (--devices and torchrun/NCCL)
 #                                                    # against one GPU: the rows must be identical
-#   WORKERS=1,2,3 bash benchmarks/qwen_gpu.sh workers  # one eval grid with 1, 2, 3 worker processes on $DEVICE's
+#   WORKERS=1,2,3 bash benchmarks/qwen_gpu.sh workers  # the eval grid with 1, 2, 3 worker processes on $DEVICE's
 #                                                    # GPU (--devices 0,0,...): wall time of each, loads included
 #   bash benchmarks/qwen_gpu.sh collect [DIR]        # results, configs, profiles: DIR/runs.tgz (default $OUT)
 #   bash benchmarks/qwen_gpu.sh restore [SRC]        # put back folders of earlier runs (default .gpu_runs/, carried
@@ -141,21 +141,18 @@ kvpress)
   fi
   ;;
 workers)
-  # the same grid (METHODS, RATIOS, SAMPLES, TASKS, CTX, SETTING; the setting's profile) into fresh folders, with k
-  # worker processes sharing one GPU; a small model leaves a GPU idle between its short steps, more workers fill it
+  # the eval step's grid (same variables) into fresh folders workers_<k>, with k worker processes sharing one
+  # device; a small model leaves a GPU idle between its short steps, more workers fill it
   unit=${DEVICE#cuda}; unit=${unit#:}; unit=${unit:-0}  # DEVICE cuda / cuda:N: that GPU; cpu: CPU workers
   [ "$DEVICE" = cpu ] && unit=cpu
   for k in ${WORKERS//,/ }; do
-    devs=$(for _ in $(seq "$k"); do printf '%s,' "$unit"; done); devs=${devs%,}
-    one=(--device "$DEVICE"); [ "$k" -gt 1 ] && one=(--devices "$devs")
+    devs=$(for _ in $(seq "$k"); do printf '%s,' "$unit"; done)
     rm -rf "$RUNS/workers_$k"
     t0=$(date +%s%N)
-    L=$(limit); [ "$L" -gt 0 ] && timeout "$L" python3 -m depthkv eval --model "$MODEL" "${one[@]}" --tasks "$TASKS" \
-      --settings "$SETTING" --methods "${METHODS:-full,uniform,optimal}" --scorers "$(scorer_for "$SETTING")" \
-      --ratios "$RATIOS" --samples "$SAMPLES" --context-tokens "$CTX" --decode-batch "$DECODE_BATCH" \
-      --profile "$(profile_for "$SETTING")" --no-progress --out "$RUNS/workers_$k" > "$RUNS/workers_$k.log" 2>&1 \
-      && echo "workers $k: $(( ($(date +%s%N) - t0) / 1000000 )) ms wall, $(wc -l < "$RUNS/workers_$k/results.jsonl") rows" \
-      || echo "workers $k: stopped (limit, error or DEADLINE); see $RUNS/workers_$k.log"
+    if [ "$k" -gt 1 ]; then DEVICES=${devs%,} bash "$0" eval "workers_$k"; else env -u DEVICES bash "$0" eval "workers_$k"; fi \
+      > "$RUNS/workers_$k.log" 2>&1
+    echo "workers $k: $(( ($(date +%s%N) - t0) / 1000000 )) ms wall, $(cat "$RUNS/workers_$k/results.jsonl" 2>/dev/null \
+      | wc -l) rows (log: $RUNS/workers_$k.log)"
   done
   ;;
 dpcheck)

@@ -15,6 +15,15 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 if str(BENCHMARKS) not in sys.path:
     sys.path.append(str(BENCHMARKS))
 
+
+def one_error_line(err: str, start: str = "error: ", skip: tuple[str, ...] = ()) -> str:
+    """The one line of ``err`` (blank lines and lines starting with ``skip``, e.g. progress, aside): bad input's
+    contract is one clear line starting with ``start``, no traceback."""
+    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith(skip)]
+    assert len(lines) == 1, f"expected one error line, got:\n{err}"
+    assert "Traceback" not in err and lines[0].startswith(start), lines[0]
+    return lines[0]
+
 ARCHS = ("llama", "qwen2")
 # options a scorer needs on tiny models that have no tokenizer (KVzip's repeat prompt, as token ids)
 SCORER_OPTIONS: dict[str, dict] = {"kvzip": {"prompt_ids": (7, 8, 9), "replay_chunk": 40}}

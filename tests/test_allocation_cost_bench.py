@@ -8,6 +8,8 @@ import json
 
 import pytest
 
+from tests.conftest import one_error_line
+
 
 @pytest.fixture()
 def bench():
@@ -57,6 +59,5 @@ def test_budgets_of_a_run_are_those_of_the_allocator(bench):
 def test_bad_input_is_one_error_line(bench, tmp_path, capsys, bad, words):
     out = tmp_path / "out.json"
     assert bench.main([*bad, "--out", str(out)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("allocation_cost: ") and words in err and "\n" not in err
+    assert words in one_error_line(capsys.readouterr().err, start="allocation_cost: ")
     assert not out.exists()

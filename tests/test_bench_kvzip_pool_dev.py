@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import one_error_line
+
 
 @pytest.fixture(scope="module")
 def bench():
@@ -30,8 +32,7 @@ def bench():
 def test_bad_input_is_one_line_exit_2_nothing_written(bench, tmp_path, capsys, bad, words):
     out = tmp_path / "dev.json"
     assert bench.main([*bad, "--out", str(out)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and err.startswith("kvzip_pool_dev.py: error:") and words in err
+    assert words in one_error_line(capsys.readouterr().err, start="kvzip_pool_dev.py: error:")
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 

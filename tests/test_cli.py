@@ -18,6 +18,7 @@ import torch
 import depthkv.cli as cli
 from depthkv.allocation.budgets import BudgetError, Budgets, global_budget
 from depthkv.cli import main
+from tests.conftest import one_error_line as conftest_one_error_line
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -95,10 +96,9 @@ PROGRESS = ("loading model ", "loaded ", "prompt: ", "prefill", "decoded ")
 
 def one_error_line(err: str) -> str:
     """The one line of ``err`` besides the progress lines, checked to be an error message."""
-    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith(PROGRESS)]
-    assert len(lines) == 1, f"expected one error line, got:\n{err}"
-    assert "Traceback" not in err and "error" in lines[0]
-    return lines[0]
+    line = conftest_one_error_line(err, start="", skip=PROGRESS)  # argparse's lines start with the command
+    assert "error" in line
+    return line
 
 
 def run_json(args: list[str], tmp_path: Path, capsys) -> dict:

@@ -15,7 +15,7 @@ import torch
 from depthkv.models import DeviceError, load_model, resolve_device, resolve_dtype, tiny_model
 from depthkv.models import loader as loader_mod
 from depthkv.models.device import dtype_name, model_device
-from tests.conftest import tiny_loaded_model, trained_bpe_tokenizer
+from tests.conftest import one_error_line, tiny_loaded_model, trained_bpe_tokenizer
 
 
 def fake_cuda(monkeypatch, count: int) -> None:
@@ -122,13 +122,6 @@ def test_bad_device_fails_before_any_loading(tmp_path, monkeypatch, device):
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def _one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: ")
-    return lines[0]
-
-
 @pytest.mark.parametrize("device", ["tpu", "cuda", "cuda:7"])
 def test_cli_bad_device_one_line_exit_2_before_loading(tmp_path, monkeypatch, capsys, device):
     import depthkv.cli as cli
@@ -146,7 +139,7 @@ def test_cli_bad_device_one_line_exit_2_before_loading(tmp_path, monkeypatch, ca
     ]
     for argv in commands:
         assert cli.main([*argv, "--device", device]) == 2, argv
-        line = _one_error_line(capsys.readouterr().err)
+        line = one_error_line(capsys.readouterr().err)
         assert repr(device) in line
     assert not (tmp_path / "eval").exists() and not (tmp_path / "demo").exists()
     assert not (tmp_path / "profile.json").exists()
@@ -157,7 +150,7 @@ def test_cli_bad_dtype_one_line_exit_2(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(cli, "load", lambda args: pytest.fail("the model must not be loaded"))
     assert cli.main(["eval", "--dtype", "int4", "--methods", "full", "--out", str(tmp_path / "e")]) == 2
-    assert "unknown dtype 'int4'" in _one_error_line(capsys.readouterr().err)
+    assert "unknown dtype 'int4'" in one_error_line(capsys.readouterr().err)
 
 
 def test_cli_device_and_dtype_defaults(monkeypatch):

@@ -39,6 +39,7 @@ from depthkv.models import fetch as fetch_mod
 from depthkv.models import hub as hub_mod
 from depthkv.models.gguf_header import read_gguf_info
 from depthkv.models.hashing import sha256_file, verify_sha256
+from tests.conftest import one_error_line
 
 GUARD_S = 120.0  # generous "never hangs" guard, not a timing assertion
 
@@ -534,13 +535,6 @@ def real_gguf(path: Path, n: int = 64) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
-
-
-def one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: ")
-    return lines[0]
 
 
 def assert_nothing_cached(name: str) -> None:
