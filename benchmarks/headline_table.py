@@ -9,7 +9,7 @@ and writes:
 * ``PREFIX.json``: every number of those tables (and the per-task CIs);
 * ``PREFIX.png`` (suite retention vs ratio, one panel per scorer, 95 % CI bands) and ``PREFIX_tasks.png``
   (mean score vs ratio, one panel per task and scorer);
-* with ``--rows-csv``: the scored rows as a compact CSV (gzipped when larger than 1.5 MB).
+* with ``--rows-csv``: the scored rows as a compact CSV (gzipped when larger than 256 kB: the committed results stay small).
 
 Definitions. Retention of a method on a task = its mean score / the full cache's mean score on the same
 samples (kvpress rows are divided by the full cache of their own harness). Suite-mean retention = the mean
@@ -72,7 +72,7 @@ CSV_FIELDS = ("task", "sample_id", "setting", "method", "scorer", "ratio", "scor
               "seconds", "run")
 ROW_KEYS = ("task", "sample_id", "setting", "method", "scorer", "ratio", "status", "score")
 SAME_SCORE = 1e-6  # repeated rows closer than this agree (a rows CSV keeps 6 significant digits)
-GZIP_ABOVE = 1_500_000  # bytes of CSV text above which the rows file is written gzipped
+GZIP_ABOVE = 256_000  # bytes of CSV text above which the rows file is written gzipped
 
 
 class InputError(ValueError):
@@ -789,7 +789,7 @@ def _parse_args(argv: list[str]) -> tuple[Options, Path, Path | None]:
     ap.add_argument("--out", type=Path, required=True,
                     help="output prefix: writes PREFIX.md, PREFIX.json, PREFIX.png, PREFIX_tasks.png")
     ap.add_argument("--rows-csv", type=Path, default=None,
-                    help="also write the scored rows here (as PATH.gz when larger than 1.5 MB)")
+                    help="also write the scored rows here (as PATH.gz when larger than 256 kB)")
     args = ap.parse_args(argv)
     baselines = tuple(b.strip() for b in args.baselines.split(",") if b.strip())
     if not baselines:
