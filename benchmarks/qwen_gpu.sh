@@ -24,7 +24,8 @@
 # optimal-joint; agnostic: full,uniform,optimal,adaptive,global+heads,adaptive+heads,optimal-joint,
 # adaptive-joint+heads; the *-joint ones once the profile is refined), SCORERS (aware: snapkv;
 # agnostic: kvzip), SCORER (calibrate: the profile's scorer; eval: the default SCORERS and profile), RATIOS [0.6,0.8,0.9], PROFILE [the step's own profile; "none" for none], CALIB_CTX [4096],
-# CALIB_SAMPLES [64], REFINE [0.8,0.9] ratios refined (REFINE_SAMPLES [16] of the calibration samples), LIMIT [540] seconds per step,
+# CALIB_SAMPLES [64], REFINE [0.8,0.9] ratios refined (REFINE_SAMPLES [16] of the calibration samples), FLOORS
+# [0,0.25,0.5,0.75,1] adaptive's floor shares tried there (depthkv refine --floor-shares), LIMIT [540] seconds per step,
 # DEADLINE (epoch seconds: each step's limit is also cut to end by then, and a step that would get under 10 s
 # does not start; for several steps side by side in one device call, e.g. `export DEADLINE=$(($(date +%s)+550));
 # DEVICE=cuda:0 bash ... eval A & DEVICE=cuda:1 bash ... eval B & wait`), DEVICE [cuda], DEVICES (e.g. 0,1:
@@ -46,6 +47,7 @@ CALIB_CTX=${CALIB_CTX:-4096}
 CALIB_SAMPLES=${CALIB_SAMPLES:-64}
 REFINE=${REFINE-0.8,0.9}  # REFINE= (empty): no refinement
 REFINE_SAMPLES=${REFINE_SAMPLES:-16}
+FLOORS=${FLOORS-0,0.25,0.5,0.75,1}  # floor shares of adaptive tried at the refined ratios; FLOORS= : not tuned
 LIMIT=${LIMIT:-540}
 # seconds the next step may run: LIMIT, cut to DEADLINE when one is set (prints 0 when under 10 s are left)
 limit() {
@@ -64,7 +66,8 @@ mkdir -p "$RUNS"
 # the step's scorer: $SCORER, else SnapKV (aware) / KVzip (agnostic); profiles are named after scorer and setting
 scorer_for() { if [ -n "${SCORER:-}" ]; then echo "$SCORER"; elif [ "$1" = aware ]; then echo snapkv; else echo kvzip; fi; }
 profile_for() { echo "$RUNS/profile_$(scorer_for "$1")_$1.json"; }
-has_refined() { python3 -c "import json, sys; sys.exit(0 if json.load(open(sys.argv[1])).get('refined') else 1)" "$1"; }
+has_key() { python3 -c "import json, sys; sys.exit(0 if json.load(open(sys.argv[1])).get(sys.argv[2]) else 1)" "$1" "$2"; }
+has_refined() { has_key "$1" refined; }
 if [ -n "${DEVICES:-}" ]; then devices=(--devices "$DEVICES"); else devices=(--device "$DEVICE"); fi
 depthkv=(python3 -m depthkv)
 [ -n "${TORCHRUN:-}" ] && depthkv=(python3 -m torch.distributed.run --standalone --nproc-per-node "$TORCHRUN" -m depthkv)
@@ -86,6 +89,12 @@ calibrate)
   if [ -n "$REFINE" ] && [ -f "$out" ] && ! has_refined "$out"; then
     L=$(limit); [ "$L" -gt 0 ] && timeout "$L" python3 -m depthkv refine --model "$MODEL" --device "$DEVICE" --profile "$out" \
       --ratios "$REFINE" --samples "$REFINE_SAMPLES" 2>&1 | tail -n 10 || echo "refine failed or stopped at the limit"
+  fi
+  # choose adaptive's floor share at the refined ratios on the same samples (read by adaptive / adaptive+heads)
+  if [ -n "$REFINE" ] && [ -n "$FLOORS" ] && [ -f "$out" ] && ! has_key "$out" floor_shares; then
+    L=$(limit); [ "$L" -gt 0 ] && timeout "$L" python3 -m depthkv refine --model "$MODEL" --device "$DEVICE" --profile "$out" \
+      --ratios "$REFINE" --samples "$REFINE_SAMPLES" --floor-only --floor-shares "$FLOORS" 2>&1 | tail -n 8 \
+      || echo "floor-share tuning failed or stopped at the limit"
   fi
   ;;
 eval)

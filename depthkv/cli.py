@@ -645,6 +645,7 @@ def _ratio_list(text: str, flag: str) -> tuple[float, ...]:
 
 
 def _refine_args(p: argparse.ArgumentParser) -> None:
+    from depthkv.calibration.floors import STRATEGIES
     from depthkv.calibration.refine import RefineConfig
 
     add_model_args(p)
@@ -655,18 +656,32 @@ def _refine_args(p: argparse.ArgumentParser) -> None:
                    help="calibration samples (default: the profile's; re-created from its recorded data and seed)")
     p.add_argument("--rounds", type=_positive, default=RefineConfig.rounds, help="probe + move rounds per ratio")
     p.add_argument("--batch", type=_positive, default=RefineConfig.batch, help="probe rows per batched forward")
+    p.add_argument("--floor-shares", default=None, metavar="GRID",
+                   help="comma-separated floor shares in [0, 1], e.g. 0,0.25,0.5,0.75,1: after refining, choose the "
+                        "floor share of --floor-strategy at each of --ratios on the same samples (lowest joint KL, "
+                        "per-KV-head budgets) and store it in the profile; default: not tuned")
+    p.add_argument("--floor-strategy", default="adaptive", choices=STRATEGIES,
+                   help="the input-adaptive allocator whose floor share --floor-shares tunes")
+    p.add_argument("--floor-only", action="store_true",
+                   help="tune the floor shares alone, without refining the budgets again (adaptive-joint needs "
+                        "--ratios the profile is already refined at)")
     p.add_argument("--out", type=Path, default=None, help="profile to write (default: update --profile in place)")
 
 
 @command("refine", _refine_args,
-         example="depthkv refine --profile profile.json --ratios 0.8,0.9 --model smollm2-135m")
+         example="depthkv refine --profile profile.json --ratios 0.8,0.9 --model smollm2-135m\n"
+                 "  depthkv refine --profile profile.json --ratios 0.8,0.9 --floor-shares 0,0.25,0.5,0.75,1")
 def cmd_refine(args: argparse.Namespace) -> int:
-    """Refine a profile's optimal budgets on the joint degradation of all layers pruned (strategy optimal-joint)."""
+    """Refine a profile's optimal budgets on the joint degradation of all layers pruned (strategy optimal-joint);
+    with --floor-shares, also choose the floor share of the adaptive allocators there."""
     from depthkv.allocation.profile import Profile
+    from depthkv.calibration.floors import FloorError, parse_grid, tune_profile
     from depthkv.calibration.refine import (
         RefineConfig,
         RefineError,
         check_ratios,
+        prepare_samples,
+        profile_scoring,
         recorded_config,
         recreate_items,
         refine_profile,
@@ -674,6 +689,12 @@ def cmd_refine(args: argparse.Namespace) -> int:
     from depthkv.models.identity import model_identity
 
     ratios = _ratio_list(args.ratios, "--ratios")
+    try:
+        grid = parse_grid(args.floor_shares) if args.floor_shares is not None else ()
+    except FloorError as exc:
+        raise CliError(f"--floor-shares: {exc}") from None
+    if args.floor_only and not grid:
+        raise CliError("--floor-only tunes the floor shares: give --floor-shares too")
     profile = Profile.load(args.profile)
     out = args.out or args.profile
     check_writable(out, "--out")
@@ -681,6 +702,8 @@ def cmd_refine(args: argparse.Namespace) -> int:
     prot = profile.data.get("protection") or {}
     floor = max(1, int(prot.get("n_sink", 4)) + int(prot.get("n_recent", 16)))
     check_ratios(profile.n_layers, profile.data.get("context_lens") or [], ratios, floor)
+    if args.floor_only and args.floor_strategy == "adaptive-joint":
+        _check_refined(profile, ratios, args.floor_strategy)
     try:
         recorded_config(profile, args.samples)
         args.model = args.model or profile.data["model"].get("name")
@@ -690,16 +713,48 @@ def cmd_refine(args: argparse.Namespace) -> int:
     except RefineError as exc:
         raise CliError(str(exc)) from None
     t0 = time.perf_counter()
-    results = refine_profile(profile, lm.model, items, ratios, cfg, data=data)
+    samples = prepare_samples(lm.model, items, *profile_scoring(profile, lm.model))
+    if not args.floor_only:
+        results = refine_profile(profile, lm.model, items, ratios, cfg, data=data, samples=samples)
+        _print_refined(results)
+    if grid:
+        floors = tune_profile(profile, lm.model, samples, ratios, grid, args.floor_strategy, batch=args.batch)
+        _print_floor_shares(floors, args.floor_strategy)
     profile.save(out)
+    what = [] if args.floor_only else [("refined budgets", "optimal-joint")]
+    what += [(f"floor shares of {args.floor_strategy}", args.floor_strategy)] if grid else []
+    print(f"{len(items)} calibration samples, {time.perf_counter() - t0:.0f} s; {' and '.join(w for w, _ in what)} "
+          f"written to {out} (use --strategy {' or '.join(s for _, s in what)})")
+    return 0
+
+
+def _check_refined(profile, ratios, strategy: str) -> None:
+    """Refuse, before loading the model, ratios the profile holds no refined split for."""
+    from depthkv.allocation.sensitivity import SensitivityError
+
+    view = profile.view()
+    try:
+        for r in ratios:
+            view.refined_shares(r, strategy)
+    except SensitivityError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _print_refined(results) -> None:
     print(f"{'ratio':>5}  {'joint KL optimal':>16}  {'joint KL refined':>16}  {'change':>7}  moves  seconds")
     for r, res in results.items():
         change = (res.joint_kl_refined / res.joint_kl_start - 1) if res.joint_kl_start > 0 else 0.0
         print(f"{r:>5g}  {res.joint_kl_start:>16.4f}  {res.joint_kl_refined:>16.4f}  {change:>+7.1%}  "
               f"{res.accepted:>5d}  {res.seconds:>7.1f}")
-    print(f"{len(items)} calibration samples, {time.perf_counter() - t0:.0f} s; refined budgets written to {out} "
-          f"(use --strategy optimal-joint)")
-    return 0
+
+
+def _print_floor_shares(results, strategy: str) -> None:
+    """Per ratio: the mean joint KL of every floor share tried, and the one chosen."""
+    shares = list(next(iter(results.values())).kl)
+    print(f"floor share of {strategy} (mean joint KL, per-KV-head budgets):")
+    print(f"{'ratio':>5}  " + "  ".join(f"{s:>8g}" for s in shares) + "  chosen")
+    for r, res in results.items():
+        print(f"{r:>5g}  " + "  ".join(f"{res.kl[s]:>8.4g}" for s in shares) + f"  {res.share:>6g}")
 
 
 def _allocate_args(p: argparse.ArgumentParser) -> None:

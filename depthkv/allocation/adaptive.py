@@ -13,6 +13,12 @@ many sharply attended ones. Two allocators do that here, both exact in the globa
   sensitivity is a floor the input cannot overrule), the rest follows the input's ranking;
   ``adaptive-joint`` takes the floors from the refined ``optimal-joint`` split instead.
 
+The best ``floor_share`` depends on the model and the ratio (a full floor wins at a moderate ratio on one
+model, half of it at a high ratio), so it is measured rather than fixed: ``depthkv refine --floor-shares``
+picks, per ratio, the share with the lowest joint degradation on the calibration samples and stores it in the
+profile. Without ``floor_share`` the allocators use that stored share for their ratio, else 0.5; an explicit
+``floor_share`` always wins.
+
 Scores are compared as they come (``normalise="none"``; attention-based scorers give probabilities, on one
 scale across layers) or after dividing each layer by its mean score (``normalise="mean"``), which suits
 scorers whose scale drifts with depth.
@@ -41,6 +47,7 @@ from depthkv.allocation.registry import AllocationRequest, AllocatorError, regis
 from depthkv.allocation.sensitivity import SensitivityView
 
 NORMALISE = ("none", "mean")
+DEFAULT_FLOOR_SHARE = 0.5  # floor share of ``adaptive`` / ``adaptive-joint`` where the profile tuned none
 HOST_DEVICES = ("cpu",)  # device types whose sort and selection run the host algorithms (numpy, kthvalue)
 
 
@@ -247,19 +254,27 @@ def _on_static(request: AllocationRequest, static: Budgets, scores, floor_share:
     return ranked_budgets(request, curves, floors, strategy)
 
 
+def stored_floor_share(sensitivity: SensitivityView | None, strategy: str, ratio: float) -> float:
+    """The floor share the profile tuned for ``strategy`` at ``ratio``, else ``DEFAULT_FLOOR_SHARE``."""
+    share = None if sensitivity is None else sensitivity.floor_share(strategy, ratio)
+    return DEFAULT_FLOOR_SHARE if share is None else share
+
+
 def _register_on_static(name: str, static_split, doc: str, needs: tuple[str, ...] = ("degradation",)):
     """Register allocator ``name``: ``floor_share`` of ``static_split(request, sensitivity)`` as per-layer
-    floors, the rest by the input's ranking."""
+    floors, the rest by the input's ranking; ``floor_share=None``: the share the profile stores for ``name``
+    at this ratio (``stored_floor_share``)."""
 
     def allocate_on_static(
         request: AllocationRequest,
         sensitivity: SensitivityView | None = None,
         *,
         scores,
-        floor_share: float = 0.5,
+        floor_share: float | None = None,
         normalise: str = "none",
     ) -> Budgets:
-        return _on_static(request, static_split(request, sensitivity), scores, floor_share, normalise, name)
+        share = floor_share if floor_share is not None else stored_floor_share(sensitivity, name, request.ratio)
+        return _on_static(request, static_split(request, sensitivity), scores, share, normalise, name)
 
     allocate_on_static.__name__ = allocate_on_static.__qualname__ = f"allocate_{name.replace('-', '_')}"
     allocate_on_static.__doc__ = doc  # before registering: the registry's summary is its first line

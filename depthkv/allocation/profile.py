@@ -18,9 +18,11 @@ Schema (``schema_version`` 1), top-level keys:
   permutation: {"kl"|"nll": {str(ratio): {statistic, p_value, effect_size, n_perm, null_mean, null_std}}}
   proxy: ProxyResult.to_dict() or null; spearman: [{metric, stage, rho, p}] or null; best_proxy: {...} or null
   data: {description, sha256 (of the calibration token ids), n_samples, tasks}
-  timings: {prefill_and_ablation_s, proxy_s, total_s, refine_s (when refined)}
+  timings: {prefill_and_ablation_s, proxy_s, total_s, refine_s (when refined), floor_shares_s (when tuned)}
   refined (optional, ``depthkv refine``): {str(ratio): {shares: [L] kept share of the context per layer,
     start: "optimal", joint_kl_start, joint_kl_refined, rounds, samples, seconds, ...}}
+  floor_shares (optional, ``depthkv refine --floor-shares``): {"adaptive"|"adaptive-joint": {str(ratio): {share:
+    the floor share chosen, kl: {str(share): mean joint KL}, heads, samples}}}, read by that allocator
 A profile made for another model (different config hash or layer count) is refused with an error.
 """
 
@@ -86,7 +88,7 @@ class Profile:
             infonce = np.asarray(self.data["infonce_per_layer"], dtype=float)
         refined = {float(r): entry["shares"] for r, entry in (self.data.get("refined") or {}).items()}
         return SensitivityView(self.probe_ratios, np.clip(self.curve(metric), 0.0, None), infonce,
-                               refined=refined or None)
+                               refined=refined or None, floor_shares=self.data.get("floor_shares") or None)
 
     # ------------------------------------------------------------------ binding
     def check_model(self, identity: dict[str, Any]) -> None:

@@ -28,6 +28,24 @@ def refined_entry(refined: Mapping | None, ratio: float):
     return None
 
 
+def tuned_floor_share(floor_shares: Mapping | None, strategy: str, ratio: float) -> float | None:
+    """The floor share tuned for allocator ``strategy`` at ``ratio`` (``depthkv refine --floor-shares``), or None.
+
+    ``floor_shares``: strategy -> ratio -> share, each share a number or a profile entry ``{"share": s, ...}``;
+    ratios match by ``refined_entry``'s rule (a share serves only the ratio it was tuned at).
+    """
+    entry = refined_entry((floor_shares or {}).get(strategy), ratio)
+    return None if entry is None else _share_of(entry)
+
+
+def _share_of(entry) -> float:
+    """A stored floor share (a number, or a profile entry holding it under "share") as a float."""
+    share = entry.get("share") if isinstance(entry, Mapping) else entry
+    if isinstance(share, bool) or not isinstance(share, (int, float, np.integer, np.floating)):
+        raise SensitivityError(f"a floor share must be a number, got {share!r}")
+    return float(share)
+
+
 def _frozen(a: np.ndarray) -> np.ndarray:
     a = np.array(a, dtype=np.float64, copy=True)
     a.setflags(write=False)
@@ -47,6 +65,9 @@ class SensitivityView:
     Either array may be absent (``None``), not both. Arrays are copied and made read-only.
     ``refined``: optional ``{ratio: [L] shares}``, per-layer kept shares of the context (``B_l / N``) refined
     on the joint degradation at that global ratio (``depthkv refine``; read by ``optimal-joint``).
+    ``floor_shares``: optional ``{strategy: {ratio: share}}``, the floor share in [0, 1] chosen on the
+    calibration samples for an input-adaptive allocator at that ratio (``depthkv refine --floor-shares``; read
+    by ``adaptive`` and ``adaptive-joint``).
     """
 
     probe_ratios: tuple[float, ...] = ()
@@ -54,6 +75,7 @@ class SensitivityView:
     metric: np.ndarray | None = None
     metric_name: str = "infonce"
     refined: Mapping[float, Sequence[float]] | None = None
+    floor_shares: Mapping[str, Mapping[float, float]] | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -105,6 +127,8 @@ class SensitivityView:
             object.__setattr__(self, "metric", _frozen(m))
         if self.refined is not None:
             object.__setattr__(self, "refined", self._check_refined(self.refined))
+        if self.floor_shares is not None:
+            object.__setattr__(self, "floor_shares", _check_floor_shares(self.floor_shares))
 
     def _check_refined(self, refined: Mapping[float, Sequence[float]]) -> dict[float, np.ndarray]:
         out: dict[float, np.ndarray] = {}
@@ -129,6 +153,10 @@ class SensitivityView:
             f"allocator {user!r} has no refined budgets for ratio {float(ratio):g} in this profile (refined "
             f"ratios: {have}); add them with: depthkv refine --profile PROFILE --model MODEL --ratios {float(ratio):g}"
         )
+
+    def floor_share(self, strategy: str, ratio: float) -> float | None:
+        """The floor share tuned for ``strategy`` at ``ratio``, or None when the profile holds none."""
+        return tuned_floor_share(self.floor_shares, strategy, ratio)
 
     @property
     def n_layers(self) -> int:
@@ -174,3 +202,24 @@ class SensitivityView:
         if not hits:
             raise SensitivityError(f"probe ratio {ratio} was not measured; available: {self.probe_ratios}")
         return hits[0]
+
+
+def _check_floor_shares(floor_shares: Mapping) -> dict[str, dict[float, float]]:
+    """``{strategy: {ratio: share}}`` with every ratio in (0, 1) and every share in [0, 1], or SensitivityError."""
+    out: dict[str, dict[float, float]] = {}
+    for strategy, per_ratio in floor_shares.items():
+        if not isinstance(per_ratio, Mapping):
+            raise SensitivityError(f"floor shares of {strategy!r} must map ratios to shares, got {per_ratio!r}")
+        out[str(strategy)] = {}
+        for key, entry in per_ratio.items():
+            try:
+                ratio = float(key)
+            except (TypeError, ValueError):
+                raise SensitivityError(f"floor shares of {strategy!r}: {key!r} is not a ratio") from None
+            share = _share_of(entry)
+            if not 0.0 < ratio < 1.0:
+                raise SensitivityError(f"floor share of {strategy!r} is for ratio {key}, which is outside (0, 1)")
+            if not 0.0 <= share <= 1.0:
+                raise SensitivityError(f"floor share of {strategy!r} at ratio {key} must lie in [0, 1], got {share}")
+            out[str(strategy)][ratio] = share
+    return out

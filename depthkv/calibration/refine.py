@@ -26,14 +26,16 @@ disjoint split).
 Probes reuse calibration's batched masked forwards: each batch row hides, in EVERY layer, the tokens that
 eviction at that row's budget would drop (a key mask over the shared full cache, ``Plan(kind="ablate")``), and
 the forward starts at the lowest pruned layer from the reference pass's hidden state. The KL equals that of
-physically evicting the tokens (tested). Vectors are kept as per-layer shares of the context (``B_l / N``),
-so the result serves any context length through the ``optimal-joint`` allocator.
+physically evicting the tokens (tested). ``masked_kl`` is that measurement for explicit per-row key masks
+(``joint_kl`` builds them from budget vectors; ``depthkv.calibration.floors`` from per-KV-head budgets).
+Vectors are kept as per-layer shares of the context (``B_l / N``), so the result serves any context length
+through the ``optimal-joint`` allocator.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -155,31 +157,34 @@ def prepare_samples(
     return out
 
 
-@torch.no_grad()
-def joint_kl(model: torch.nn.Module, sample: PreparedSample, rows: np.ndarray, batch: int = 8) -> np.ndarray:
-    """KL(full || pruned) of the answer tokens [R] for budget vectors ``rows`` [R, L], every layer pruned at once.
+RowMasks = Mapping[int, torch.Tensor]
+"""One probe row: layer -> [KVH, N] bool, the context keys each KV head may see there (absent layer: all)."""
 
-    Each row masks, in every layer, the tokens eviction would drop at that row's budget; identical rows are
-    computed once; ``batch`` rows share a forward, which starts at the lowest pruned layer of the batch.
+
+@torch.no_grad()
+def masked_kl(model: torch.nn.Module, sample: PreparedSample, rows: Sequence[RowMasks], batch: int = 8) -> np.ndarray:
+    """KL(full || pruned) of the answer tokens [R], row r seeing in each layer only the keys ``rows[r]`` allows.
+
+    ``batch`` rows share a forward over the shared full cache, which starts at the lowest layer any of them
+    restricts; a row without masks is the full cache (KL 0, not computed).
     """
-    rows = np.asarray(rows, dtype=np.int64)
-    n, n_layers = sample.context_len, rows.shape[1]
-    uniq, inverse = np.unique(rows, axis=0, return_inverse=True)
-    kl = np.zeros(len(uniq))
+    n = sample.context_len
+    kl = np.zeros(len(rows))
     n_forced = sample.targets.shape[1]
+    device = sample.targets.device
     with Session(model) as session:
-        for lo in range(0, len(uniq), batch):
-            chunk = uniq[lo : lo + batch]
-            pruned = [layer for layer in range(n_layers) if (chunk[:, layer] < n).any()]
+        for lo in range(0, len(rows), batch):
+            chunk = rows[lo : lo + batch]
+            pruned = sorted({layer for row in chunk for layer in row})
             if not pruned:
                 continue  # full cache in every layer: no degradation
             masks: dict[int, torch.Tensor] = {}
             for layer in pruned:
                 kvh = sample.sp.cache.layers[layer].keys.shape[1]
-                m = torch.ones(len(chunk), kvh, n, dtype=torch.bool, device=sample.targets.device)
-                for r, budget in enumerate(chunk[:, layer].tolist()):
-                    if budget < n:
-                        m[r] = sample.keep_mask(layer, budget)
+                m = torch.ones(len(chunk), kvh, n, dtype=torch.bool, device=device)
+                for r, row in enumerate(chunk):
+                    if layer in row:
+                        m[r] = row[layer]
                 masks[layer] = m
             session.set_plan(Plan(kind="ablate", key_masks=masks))
             with layers_from(model, pruned[0]) as start:
@@ -189,6 +194,23 @@ def joint_kl(model: torch.nn.Module, sample: PreparedSample, rows: np.ndarray, b
             _, logp = _answer_stats(out.logits, sample.targets)
             ref = sample.ref_logp
             kl[lo : lo + len(chunk)] = (ref.exp() * (ref - logp)).sum(-1).mean(-1).double().cpu().numpy()
+    return kl
+
+
+def budget_masks(sample: PreparedSample, budgets: Sequence[int]) -> dict[int, torch.Tensor]:
+    """The key masks of one budget vector: in every layer below the full context, the tokens eviction keeps."""
+    n = sample.context_len
+    return {layer: sample.keep_mask(layer, int(b)) for layer, b in enumerate(budgets) if int(b) < n}
+
+
+def joint_kl(model: torch.nn.Module, sample: PreparedSample, rows: np.ndarray, batch: int = 8) -> np.ndarray:
+    """KL(full || pruned) of the answer tokens [R] for budget vectors ``rows`` [R, L], every layer pruned at once.
+
+    Each row masks, in every layer, the tokens eviction would drop at that row's budget (``masked_kl``);
+    identical rows are computed once.
+    """
+    uniq, inverse = np.unique(np.asarray(rows, dtype=np.int64), axis=0, return_inverse=True)
+    kl = masked_kl(model, sample, [budget_masks(sample, row) for row in uniq], batch)
     return kl[np.asarray(inverse).reshape(-1)]
 
 
@@ -381,6 +403,20 @@ def refine_ratio(
     )
 
 
+def profile_scoring(profile, model: torch.nn.Module) -> tuple[Scorer, Protection]:
+    """The scorer (bound to ``model`` where it needs its tokenizer) and protected window ``profile`` was
+    calibrated with: what its samples are prepared with (``prepare_samples``)."""
+    prot = profile.data.get("protection") or {}
+    protection = Protection(int(prot.get("n_sink", 4)), int(prot.get("n_recent", 16)))
+    scorer_info = profile.data.get("scorer") or {}
+    scorer = get_scorer(scorer_info.get("name", "snapkv"), **(scorer_info.get("options") or {}))
+    if scorer.context_pass:  # KVzip's repeat prompt: the tokenizer saved next to the model's weights
+        from depthkv.engine.press import bind_scorer
+
+        scorer = bind_scorer(scorer, model)
+    return scorer, protection
+
+
 def refine_profile(
     profile,
     model: torch.nn.Module,
@@ -390,31 +426,29 @@ def refine_profile(
     *,
     data: dict[str, Any] | None = None,
     progress: bool = True,
+    samples: list[PreparedSample] | None = None,
 ) -> dict[float, RefineResult]:
     """Refine ``profile``'s optimal vectors at ``ratios`` on ``items`` and store them in ``profile.data["refined"]``.
 
     ``profile`` is a loaded calibration Profile of ``model`` (its scorer and protected window are used);
-    ``data`` optionally describes the items (sha256, sample ids), recorded with each vector. Existing vectors
-    for other ratios are kept; a ratio refined again is replaced.
+    ``data`` optionally describes the items (sha256, sample ids), recorded with each vector; ``samples``: the
+    items already prepared with ``profile_scoring`` (so that other measurements can share them). Existing
+    vectors for other ratios are kept; a ratio refined again is replaced.
     """
     from tqdm.auto import tqdm
 
     cfg = cfg or RefineConfig()
-    prot = profile.data.get("protection") or {}
-    protection = Protection(int(prot.get("n_sink", 4)), int(prot.get("n_recent", 16)))
+    scorer, protection = profile_scoring(profile, model)
     floor = cfg.validate(protection)
-    scorer_info = profile.data.get("scorer") or {}
-    scorer = get_scorer(scorer_info.get("name", "snapkv"), **(scorer_info.get("options") or {}))
-    if scorer.context_pass:  # KVzip's repeat prompt: the tokenizer saved next to the model's weights
-        from depthkv.engine.press import bind_scorer
-
-        scorer = bind_scorer(scorer, model)
     view = profile.view()
     if not items:
         raise ValueError("refinement needs at least one calibration sample")
     ratios = check_ratios(view.n_layers, [i.context_len for i in items], ratios, floor)
     t0 = time.perf_counter()
-    samples = prepare_samples(model, items, scorer, protection)
+    if samples is None:
+        samples = prepare_samples(model, items, scorer, protection)
+    elif len(samples) != len(items):
+        raise ValueError(f"{len(samples)} prepared samples for {len(items)} calibration items")
     bar = tqdm(total=None, desc="refine (joint probes)", unit="row", disable=not progress, mininterval=2.0)
     results: dict[float, RefineResult] = {}
     try:
