@@ -72,6 +72,19 @@ def test_adaptive_keeps_its_share_of_the_static_optimum(n_layers, n, ratio, shar
         assert b.tokens == opt.tokens
 
 
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("ratio", [0.6, 0.8, 0.9])
+def test_adaptive_with_the_whole_floor_is_optimal(seed, ratio):
+    """floor_share 1: the floors take the whole budget, so the split is the static optimum whatever the scores
+    (``adaptive+heads`` at share 1 is ``optimal+heads``)."""
+    rng = np.random.default_rng(seed)
+    view = _view(8, rng)
+    opt = allocate("optimal", 8, 500, ratio, sensitivity=view, min_tokens=20)
+    b = allocate("adaptive", 8, 500, ratio, sensitivity=view, scores=_scores(rng, 8, 2, 500), min_tokens=20,
+                 floor_share=1.0)
+    assert b.tokens == opt.tokens
+
+
 @PROPS
 @given(st.integers(2, 8), st.integers(64, 400), st.sampled_from([0.8, 0.9]), st.floats(0.0, 1.0),
        st.integers(0, 10_000))

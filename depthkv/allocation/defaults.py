@@ -8,7 +8,9 @@ Qwen2.5-Coder-1.5B runs in README "Which settings to use":
 * context compressed before the question (``setting="agnostic"``): KVzip scores (question-independent), split
   from each input's own scores on top of the profile's floors (``adaptive``; ``global`` without a profile, as
   KVzip's own ranking) and per-KV-head budgets inside each layer (Qwen at 4k tokens: 0.72 / 0.55 of the
-  full-cache score at ratio 0.8 / 0.9, a uniform KVzip split 0.31 / 0.08). Floors from a refined profile
+  full-cache score at ratio 0.8 / 0.9, a uniform KVzip split 0.31 / 0.08). The floors are the share of the
+  static split that ``depthkv refine --floor-shares`` chose for the ratio on the calibration samples, when the
+  profile holds one, else half of it. Floors from a refined profile
   (``adaptive-joint``) are not the default: they were not better consistently (Qwen 4k +0.055 at 0.9, Qwen 16k
   +0.013, SmolLM2 1k −0.083 in score) and they tie the split to the ratios a profile was refined at.
 
