@@ -26,7 +26,10 @@ not corrected for the number of comparisons.
 
 Rows that occur in several folders (the same task, sample, setting, method, scorer and ratio: e.g. the
 full-cache rows every ``depthkv eval`` run writes) are compared; the first folder's row is used and the
-comparison is reported (``--strict-duplicates``: a differing score is an error).
+comparison is reported (``--strict-duplicates``: a differing score is an error). Runs of the same methods under
+other conditions (another profile, e.g. one with tuned floor shares; a profile calibrated at another length)
+are told apart with ``--tag RUN=TAG``: the rows of folder RUN, except the full cache's, are labelled
+``METHOD@TAG`` (``adaptive+heads@floors``), so both appear and are paired like any two methods.
 
     python benchmarks/headline_table.py runs/aw4k runs/aw4kj --setting aware --baselines uniform,pyramid \
         --out docs/results/qwen_gpu_4k/aware --rows-csv docs/results/qwen_gpu_4k/rows_aware.csv
@@ -92,6 +95,7 @@ class Options:
     seed: int = 0
     strict_duplicates: bool = False
     tasks: tuple[str, ...] = ()  # only these tasks (empty: every task in the folders)
+    tags: tuple[tuple[str, str], ...] = ()  # (run folder name, tag): its methods are labelled METHOD@TAG
 
 
 @dataclass
@@ -175,10 +179,15 @@ def _rkey(ratio: Any) -> float:
 
 
 def load(folders: Iterable[Path], setting: str, *, strict_duplicates: bool = False,
-         tasks: Iterable[str] = ()) -> Data:
+         tasks: Iterable[str] = (), tags: Iterable[tuple[str, str]] = ()) -> Data:
     """Rows of ``setting`` (and of ``tasks``, when given) from every folder; duplicates of an earlier row are
-    compared and left out."""
+    compared and left out; ``tags``: (run, tag) pairs, the run's methods labelled ``METHOD@TAG``."""
     only = set(tasks)
+    folders = [Path(f) for f in folders]
+    tag_of = dict(tags)
+    unknown = sorted(set(tag_of) - {f.name for f in folders})
+    if unknown:
+        raise InputError(f"--tag names {', '.join(unknown)}, which is not among the folders' names")
     runs: list[Run] = []
     scores: dict[tuple[str, str, float], dict[str, float]] = defaultdict(dict)
     first: dict[tuple, tuple[str, dict]] = {}
@@ -212,6 +221,8 @@ def load(folders: Iterable[Path], setting: str, *, strict_duplicates: bool = Fal
                 n_skipped += 1
                 continue
             lbl = label(row)
+            if run.name in tag_of and lbl != FULL:
+                lbl = label({**row, "method": f"{row['method']}@{tag_of[run.name]}"})
             if lbl == FULL and run.harness == "kvpress":
                 lbl = KVPRESS_FULL
             key = (row["task"], lbl, 0.0 if lbl in FULLS else _rkey(row["ratio"]))
@@ -788,6 +799,9 @@ def _parse_args(argv: list[str]) -> tuple[Options, Path, Path | None]:
                     help="fail when a row repeated across folders has a different score")
     ap.add_argument("--out", type=Path, required=True,
                     help="output prefix: writes PREFIX.md, PREFIX.json, PREFIX.png, PREFIX_tasks.png")
+    ap.add_argument("--tag", action="append", default=[], metavar="RUN=TAG",
+                    help="label the methods of run folder RUN as METHOD@TAG (runs of the same methods under other "
+                         "conditions, e.g. another profile); repeatable")
     ap.add_argument("--rows-csv", type=Path, default=None,
                     help="also write the scored rows here (as PATH.gz when larger than 256 kB)")
     args = ap.parse_args(argv)
@@ -801,8 +815,16 @@ def _parse_args(argv: list[str]) -> tuple[Options, Path, Path | None]:
     if args.out.suffix in (".md", ".json", ".png"):
         ap.error(f"--out is a prefix without extension (got {args.out})")
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    tags = []
+    for spec in args.tag:
+        run_name, sep, tag = spec.partition("=")
+        if not sep or not run_name or not tag or any(c in tag for c in "/@ \t,"):
+            ap.error(f"--tag takes RUN=TAG (a folder name, and a tag without '/', '@', ',' or spaces), got {spec!r}")
+        tags.append((run_name, tag))
+    if len({r for r, _ in tags}) != len(tags):
+        ap.error("--tag: one tag per run")
     opts = Options(tuple(args.folders), args.setting, baselines, args.min_full, args.n_boot, 0.95, args.seed,
-                   args.strict_duplicates, tasks)
+                   args.strict_duplicates, tasks, tuple(tags))
     return opts, args.out, args.rows_csv
 
 
@@ -811,7 +833,8 @@ def main(argv: list[str] | None = None) -> int:
     opts, out, csv_path = _parse_args(argv)
     command = "python benchmarks/headline_table.py " + shlex.join(argv)
     try:
-        data = load(opts.folders, opts.setting, strict_duplicates=opts.strict_duplicates, tasks=opts.tasks)
+        data = load(opts.folders, opts.setting, strict_duplicates=opts.strict_duplicates, tasks=opts.tasks,
+                    tags=opts.tags)
         summary = summarise(data, opts)
         meta = provenance(data, opts, command)
         suite_png, tasks_png = render_plots(summary, meta, opts)

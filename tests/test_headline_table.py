@@ -270,3 +270,35 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, case, messag
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1] and (case == "prefix" or len(err) == 1)
     assert not (tmp_path / "o").exists()
+
+
+def test_tag_tells_apart_the_same_method_run_under_other_conditions(tmp_path, capsys):
+    """--tag RUN=TAG: the run's methods become METHOD@TAG (paired like any method), its full rows stay `full`."""
+    a = write_run(tmp_path / "ag", {"alpha": {"full": [1, 1, 1, 0], "adaptive+heads/kvzip": [1, 0, 0, 0],
+                                              "uniform/kvzip": [0, 0, 0, 0]}})
+    b = write_run(tmp_path / "agf", {"alpha": {"full": [1, 1, 1, 0], "adaptive+heads/kvzip": [1, 1, 1, 0]}})
+    out = tmp_path / "res" / "tagged"
+    assert run([a, b, "--setting", "aware", "--tag", "agf=floors", "--out", out, *N_BOOT]) == 0
+    res = json.loads(out.with_suffix(".json").read_text())
+    cells = {c["label"]: c for c in res["cells"]}
+    assert cells["adaptive+heads/kvzip"]["retention"] == pytest.approx(1 / 3)
+    assert cells["adaptive+heads@floors/kvzip"]["retention"] == pytest.approx(1.0)
+    assert [d["label"] for d in res["duplicates"]] == ["full"]  # only the full rows repeat
+    diffs = {p["label"]: p["diff"] for p in res["paired"] if p["baseline"] == "uniform/kvzip"}
+    assert diffs["adaptive+heads@floors/kvzip"] == pytest.approx(0.75)
+
+    # untagged, the two runs' adaptive+heads rows collide: the second is a repeated row, not a method
+    out2 = tmp_path / "res" / "untagged"
+    assert run([a, b, "--setting", "aware", "--out", out2, *N_BOOT]) == 0
+    labels = {c["label"] for c in json.loads(out2.with_suffix(".json").read_text())["cells"]}
+    assert "adaptive+heads@floors/kvzip" not in labels
+
+    # a tag for a folder not given, or a malformed one: one error line, nothing written
+    capsys.readouterr()
+    out3 = tmp_path / "bad" / "x"
+    assert run([a, b, "--setting", "aware", "--tag", "nope=floors", "--out", out3, *N_BOOT]) == 2
+    assert capsys.readouterr().err.strip() == "error: --tag names nope, which is not among the folders' names"
+    with pytest.raises(SystemExit) as exc:
+        run([a, b, "--setting", "aware", "--tag", "agf=a/b", "--out", out3, *N_BOOT])
+    assert exc.value.code == 2
+    assert not out3.parent.exists()
