@@ -280,3 +280,26 @@ def test_refine_cli_refuses_bad_floor_settings_before_any_work(tmp_path, capsys,
     rc = main(["refine", "--profile", str(path), "--ratios", "0.8", "--out", str(out), *argv])
     assert rc == 2 and path.read_text() == before and not out.exists()
     assert re.search(match, one_error_line(capsys.readouterr().err))
+
+
+def test_the_agnostic_default_press_takes_the_profiles_share(tiny_models):
+    """press(..., setting="agnostic", profile=P) with no strategy (the default: adaptive + per-head budgets) splits
+    the budget with the floor share P stores for the ratio, not the fixed 0.5."""
+    model = tiny_models("llama", "sdpa")
+    items = _items(2)
+    scorer = _scorer("kvzip")
+    prof = _profile(model, items, scorer)
+    prof.data["floor_shares"] = {"adaptive": {"0.8": {"share": 1.0}}}
+    context, _ = items[0].split()
+    opts = dict(n_sink=PROT.n_sink, n_recent=PROT.n_recent, **SCORER_OPTIONS.get("kvzip", {}))
+
+    def budgets(**how):
+        with press(model, "kvzip", **opts, **how) as p:
+            comp = p.compress(context)
+        return comp.budgets, [layer.keys.shape for layer in comp.cache.layers]
+
+    default = budgets(ratio=0.8, profile=prof, setting="agnostic")
+    view = prof.view()
+    for share, same in ((1.0, True), (0.5, False)):
+        spec = BudgetSpec(0.8, "adaptive", view, (), PROT.size, {"floor_share": share})
+        assert (budgets(policy=spec.policy(4), head_budgets=True) == default) is same
