@@ -573,6 +573,9 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refine-ratios", default=None,
                    help="comma-separated ratios: after the profile, refine the optimal budgets there on the joint "
                         "degradation of all layers pruned (same samples; read by --strategy optimal-joint)")
+    p.add_argument("--floor-shares", default=None, metavar="GRID",
+                   help="with --refine-ratios: also choose adaptive's floor share there among these (e.g. "
+                        "0,0.25,0.5,0.75,1; lowest joint KL on the same samples, per-KV-head budgets)")
     p.add_argument("--out", type=Path, required=True, help="profile JSON to write")
 
 
@@ -617,7 +620,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.plots:
         pyplot("--plots")  # before the calibration: a missing extra is said at once
     refine = _ratio_list(args.refine_ratios, "--refine-ratios") if args.refine_ratios else ()
-    cfg = CalibrationConfig(scorer=args.scorer, setting=args.setting, probe_ratios=probes, samples=args.samples, refine_ratios=refine,
+    floors = _floor_grid(args.floor_shares) if args.floor_shares is not None else ()
+    if floors and not refine:
+        raise CliError("--floor-shares are tuned at the refined ratios: give --refine-ratios too")
+    cfg = CalibrationConfig(scorer=args.scorer, setting=args.setting, probe_ratios=probes, samples=args.samples,
+                            refine_ratios=refine, floor_shares=floors,
                             context_tokens=args.context_tokens, data=args.data, seed=args.seed,
                             n_sink=args.n_sink, n_recent=args.n_recent, n_perm=args.permutations,
                             proxy=not args.no_proxy, proxy_tau=args.infonce_tau, probe_batch=args.probe_batch)
@@ -675,7 +682,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
     """Refine a profile's optimal budgets on the joint degradation of all layers pruned (strategy optimal-joint);
     with --floor-shares, also choose the floor share of the adaptive allocators there."""
     from depthkv.allocation.profile import Profile
-    from depthkv.calibration.floors import FloorError, parse_grid, tune_profile
+    from depthkv.calibration.floors import tune_profile
     from depthkv.calibration.refine import (
         RefineConfig,
         RefineError,
@@ -689,10 +696,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
     from depthkv.models.identity import model_identity
 
     ratios = _ratio_list(args.ratios, "--ratios")
-    try:
-        grid = parse_grid(args.floor_shares) if args.floor_shares is not None else ()
-    except FloorError as exc:
-        raise CliError(f"--floor-shares: {exc}") from None
+    grid = _floor_grid(args.floor_shares) if args.floor_shares is not None else ()
     if args.floor_only and not grid:
         raise CliError("--floor-only tunes the floor shares: give --floor-shares too")
     profile = Profile.load(args.profile)
@@ -730,6 +734,16 @@ def cmd_refine(args: argparse.Namespace) -> int:
     print(f"{len(items)} calibration samples, {time.perf_counter() - t0:.0f} s; {' and '.join(w for w, _ in what)} "
           f"written to {out} (use --strategy {' or '.join(s for _, s in what)})")
     return 0
+
+
+def _floor_grid(text: str) -> tuple[float, ...]:
+    """``--floor-shares``: candidate floor shares in [0, 1] (CliError otherwise)."""
+    from depthkv.calibration.floors import FloorError, parse_grid
+
+    try:
+        return parse_grid(text)
+    except FloorError as exc:
+        raise CliError(f"--floor-shares: {exc}") from None
 
 
 def _check_refined(profile, ratios, strategy: str) -> None:

@@ -303,3 +303,30 @@ def test_the_agnostic_default_press_takes_the_profiles_share(tiny_models):
     for share, same in ((1.0, True), (0.5, False)):
         spec = BudgetSpec(0.8, "adaptive", view, (), PROT.size, {"floor_share": share})
         assert (budgets(policy=spec.policy(4), head_budgets=True) == default) is same
+
+
+def test_calibrate_tunes_the_floor_share_after_refining(tmp_path, monkeypatch, capsys):
+    """calibrate --refine-ratios R --floor-shares G: one command gives the profile, the refined budgets and the
+    floor share at R, all measured on the same calibration samples; --floor-shares alone is refused at once."""
+    import depthkv.cli as cli
+    from tests.test_cli import tiny_lm
+
+    lm = tiny_lm()
+    monkeypatch.setattr(cli, "load", lambda args: lm)
+    prof = tmp_path / "p.json"
+    calib = ["calibrate", "--samples", "2", "--data", "needle", "--context-tokens", "300", "--probe-ratios", "0.5,1",
+             "--no-proxy", "--permutations", "50", "--n-sink", "2", "--n-recent", "4", "--out", str(prof)]
+    assert main([*calib, "--refine-ratios", "0.7", "--floor-shares", "0.5,1"]) == 0
+    data = json.loads(prof.read_text())
+    entry = data["floor_shares"]["adaptive"]["0.7"]
+    assert set(entry["kl"]) == {"0.5", "1.0"} and entry["samples"] == 2
+    assert entry["kl"][str(float(entry["share"]))] == min(entry["kl"].values())
+    assert list(data["refined"]) == ["0.7"] and data["config"]["floor_shares"] == [0.5, 1.0]
+    assert data["timings"]["floor_shares_s"] > 0
+    prof.unlink()
+    capsys.readouterr()
+    monkeypatch.setattr(cli, "load", lambda args: pytest.fail("the model must not be loaded"))
+    assert main([*calib, "--floor-shares", "0.5,1"]) == 2 and not prof.exists()
+    assert "give --refine-ratios too" in one_error_line(capsys.readouterr().err)
+    assert main([*calib, "--refine-ratios", "0.7", "--floor-shares", "2"]) == 2 and not prof.exists()
+    assert "--floor-shares" in one_error_line(capsys.readouterr().err)

@@ -46,6 +46,7 @@ class CalibrationConfig:
     scorer_options: dict = field(default_factory=dict)
     refine_ratios: Sequence[float] = ()  # after the profile: refine the optimal budgets jointly at these ratios
     refine_rounds: int = 4
+    floor_shares: Sequence[float] = ()  # after refining: adaptive's floor share tried at refine_ratios (floors.py)
 
 
 def _answer_ids(tokenizer, answer: str, limit: int, device=None) -> torch.Tensor:
@@ -130,6 +131,12 @@ def calibrate(lm, cfg: CalibrationConfig, *, progress: bool = True) -> Profile:
     protection = Protection(cfg.n_sink, cfg.n_recent)
     torch.manual_seed(cfg.seed)
     items, data_desc = load_items(tok, cfg, next(model.parameters()).device)
+    if cfg.floor_shares and not cfg.refine_ratios:
+        raise ValueError("floor shares are tuned at the refined ratios: give refine_ratios too")
+    if cfg.floor_shares:  # a bad grid fails now, not after the ablation
+        from depthkv.calibration.floors import check_grid
+
+        check_grid(cfg.floor_shares)
     if cfg.refine_ratios:  # an infeasible ratio fails now, not after the ablation
         from depthkv.calibration.refine import check_ratios
         from depthkv.models.layers import decoder_layers
@@ -192,12 +199,18 @@ def calibrate(lm, cfg: CalibrationConfig, *, progress: bool = True) -> Profile:
     }
     profile = Profile(data)
     if cfg.refine_ratios:
-        from depthkv.calibration.refine import RefineConfig, refine_profile
+        from depthkv.calibration.refine import RefineConfig, prepare_samples, refine_profile
 
+        samples = prepare_samples(model, items, scorer, protection)  # shared by refinement and floor tuning
         refine_profile(profile, model, items, cfg.refine_ratios,
                        RefineConfig(rounds=cfg.refine_rounds, batch=cfg.probe_batch),
                        data={"sha256": data_desc["sha256"], "sample_ids": data_desc["sample_ids"]},
-                       progress=progress)
+                       progress=progress, samples=samples)
+        if cfg.floor_shares:
+            from depthkv.calibration.floors import tune_profile
+
+            tune_profile(profile, model, samples, cfg.refine_ratios, cfg.floor_shares, "adaptive",
+                         batch=cfg.probe_batch, progress=progress)
     return profile
 
 
