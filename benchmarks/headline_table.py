@@ -196,7 +196,6 @@ def load(folders: Iterable[Path], setting: str, *, strict_duplicates: bool = Fal
     skipped: dict[str, int] = {}
     settings_seen: Counter = Counter()
     for folder in folders:
-        folder = Path(folder)
         if not folder.is_dir():
             raise InputError(f"{folder}: not a folder")
         config = read_config(folder)

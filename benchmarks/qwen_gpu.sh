@@ -85,16 +85,19 @@ calibrate)
       --setting "$setting" --samples "$CALIB_SAMPLES" --context-tokens "$CALIB_CTX" --probe-ratios 0.5,0.8,0.95,1.0 \
       "${proxy[@]}" --out "$out" 2>&1 | tail -n 30 || echo "calibrate failed or stopped at the limit"
   fi
-  # refine the optimal budgets on the joint damage of all layers pruned (strategy optimal-joint), in place
-  if [ -n "$REFINE" ] && [ -f "$out" ] && ! has_refined "$out"; then
-    L=$(limit); [ "$L" -gt 0 ] && timeout "$L" python3 -m depthkv refine --model "$MODEL" --device "$DEVICE" --profile "$out" \
-      --ratios "$REFINE" --samples "$REFINE_SAMPLES" 2>&1 | tail -n 10 || echo "refine failed or stopped at the limit"
-  fi
-  # choose adaptive's floor share at the refined ratios on the same samples (read by adaptive / adaptive+heads)
-  if [ -n "$REFINE" ] && [ -n "$FLOORS" ] && [ -f "$out" ] && ! has_key "$out" floor_shares; then
-    L=$(limit); [ "$L" -gt 0 ] && timeout "$L" python3 -m depthkv refine --model "$MODEL" --device "$DEVICE" --profile "$out" \
-      --ratios "$REFINE" --samples "$REFINE_SAMPLES" --floor-only --floor-shares "$FLOORS" 2>&1 | tail -n 8 \
-      || echo "floor-share tuning failed or stopped at the limit"
+  # refine the optimal budgets on the joint damage of all layers pruned (strategy optimal-joint) and choose
+  # adaptive's floor share there (read by adaptive / adaptive+heads): one refine call, the samples prefilled once
+  if [ -n "$REFINE" ] && [ -f "$out" ]; then
+    refine=; has_refined "$out" || refine=1
+    floors=()
+    if [ -n "$FLOORS" ] && ! has_key "$out" floor_shares; then
+      floors=(--floor-shares "$FLOORS"); [ -z "$refine" ] && floors+=(--floor-only)
+    fi
+    if [ -n "$refine" ] || [ ${#floors[@]} -gt 0 ]; then
+      L=$(limit); [ "$L" -gt 0 ] && timeout "$L" python3 -m depthkv refine --model "$MODEL" --device "$DEVICE" \
+        --profile "$out" --ratios "$REFINE" --samples "$REFINE_SAMPLES" "${floors[@]}" 2>&1 | tail -n 12 \
+        || echo "refine failed or stopped at the limit"
+    fi
   fi
   ;;
 eval)

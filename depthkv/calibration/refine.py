@@ -403,11 +403,16 @@ def refine_ratio(
     )
 
 
+def profile_protection(profile) -> Protection:
+    """The protected window (sinks + recent tokens) ``profile`` was calibrated with."""
+    prot = profile.data.get("protection") or {}
+    return Protection(int(prot.get("n_sink", 4)), int(prot.get("n_recent", 16)))
+
+
 def profile_scoring(profile, model: torch.nn.Module) -> tuple[Scorer, Protection]:
     """The scorer (bound to ``model`` where it needs its tokenizer) and protected window ``profile`` was
     calibrated with: what its samples are prepared with (``prepare_samples``)."""
-    prot = profile.data.get("protection") or {}
-    protection = Protection(int(prot.get("n_sink", 4)), int(prot.get("n_recent", 16)))
+    protection = profile_protection(profile)
     scorer_info = profile.data.get("scorer") or {}
     scorer = get_scorer(scorer_info.get("name", "snapkv"), **(scorer_info.get("options") or {}))
     if scorer.context_pass:  # KVzip's repeat prompt: the tokenizer saved next to the model's weights
@@ -438,7 +443,7 @@ def refine_profile(
     from tqdm.auto import tqdm
 
     cfg = cfg or RefineConfig()
-    scorer, protection = profile_scoring(profile, model)
+    protection = profile_protection(profile)
     floor = cfg.validate(protection)
     view = profile.view()
     if not items:
@@ -446,9 +451,10 @@ def refine_profile(
     ratios = check_ratios(view.n_layers, [i.context_len for i in items], ratios, floor)
     t0 = time.perf_counter()
     if samples is None:
-        samples = prepare_samples(model, items, scorer, protection)
-    elif len(samples) != len(items):
-        raise ValueError(f"{len(samples)} prepared samples for {len(items)} calibration items")
+        samples = prepare_samples(model, items, *profile_scoring(profile, model))
+    elif len(samples) != len(items) or any(s.sp.protection != protection for s in samples):
+        raise ValueError(f"{len(samples)} prepared samples for {len(items)} calibration items, or prepared with "
+                         f"another protected window than the profile's ({protection})")
     bar = tqdm(total=None, desc="refine (joint probes)", unit="row", disable=not progress, mininterval=2.0)
     results: dict[float, RefineResult] = {}
     try:
