@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -113,6 +114,36 @@ def tiny_loaded_model(tokenizer):
     model = tiny_model("llama", n_layers=4, seed=0, attn_implementation="sdpa")
     return LoadedModel(model=model, tokenizer=tokenizer, name="tiny-llama", source="local", load_seconds=0.0,
                        converted=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory):
+    """A folder holding a tiny random 4-layer Llama and a trained BPE tokenizer: a model ``--model`` can load
+    by path (no downloads)."""
+    from depthkv.models import tiny_model
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama", n_layers=4, seed=0, attn_implementation="sdpa").save_pretrained(folder)
+    trained_bpe_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def tiny_kvzip_profile(model_dir, path):
+    """A schema-valid agnostic KVzip profile for the tiny model saved in ``model_dir`` (layer 1 the sensitive
+    one), written to ``path``."""
+    from depthkv.allocation.profile import KIND, SCHEMA_VERSION
+    from depthkv.models import load_model, model_identity
+
+    lm = load_model(str(model_dir), dtype="float32", device="cpu")
+    mean = [[0.01, 0.03], [0.4, 0.9], [0.02, 0.05], [0.05, 0.1]]
+    data = {
+        "schema_version": SCHEMA_VERSION, "kind": KIND, "model": model_identity(lm.model, lm.name),
+        "setting": "agnostic", "probe_ratios": [0.5, 1.0], "scorer": {"name": "kvzip", "options": {}},
+        "protection": {"n_sink": 4, "n_recent": 16}, "curves": {"kl": {"mean": mean, "lo": mean, "hi": mean}},
+        "data": {"description": "hand-made", "n_samples": 2, "tasks": ["needle"], "sample_ids": []},
+    }
+    path.write_text(json.dumps(data))
+    return path
 
 
 @pytest.fixture(scope="module")

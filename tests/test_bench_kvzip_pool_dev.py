@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import importlib
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import one_error_line
+from tests.conftest import one_error_line, tiny_kvzip_profile
 
 
 @pytest.fixture(scope="module")
@@ -63,41 +62,13 @@ def test_variants_and_paired_differences(bench):
     assert len({len(line) for line in text.splitlines()}) == 1  # columns line up
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from depthkv.models import tiny_model
-    from tests.conftest import trained_bpe_tokenizer
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama", n_layers=4, seed=0, attn_implementation="sdpa").save_pretrained(folder)
-    trained_bpe_tokenizer().save_pretrained(folder)
-    return folder
-
-
-def kvzip_profile(model_dir: Path, path: Path) -> Path:
-    """A schema-valid agnostic KVzip profile for the saved tiny model (layer 1 the sensitive one)."""
-    from depthkv.allocation.profile import KIND, SCHEMA_VERSION
-    from depthkv.models import load_model, model_identity
-
-    lm = load_model(str(model_dir), dtype="float32", device="cpu")
-    mean = [[0.01, 0.03], [0.4, 0.9], [0.02, 0.05], [0.05, 0.1]]
-    data = {
-        "schema_version": SCHEMA_VERSION, "kind": KIND, "model": model_identity(lm.model, lm.name),
-        "setting": "agnostic", "probe_ratios": [0.5, 1.0], "scorer": {"name": "kvzip", "options": {}},
-        "protection": {"n_sink": 4, "n_recent": 16}, "curves": {"kl": {"mean": mean, "lo": mean, "hi": mean}},
-        "data": {"description": "hand-made", "n_samples": 2, "tasks": ["needle"], "sample_ids": []},
-    }
-    path.write_text(json.dumps(data))
-    return path
-
-
 @pytest.mark.parametrize("replay_chunk", [2048, 64])
-def test_end_to_end_on_a_tiny_model(bench, model_dir, tmp_path, capsys, single_thread, replay_chunk):
+def test_end_to_end_on_a_tiny_model(bench, tiny_llama_dir, tmp_path, capsys, single_thread, replay_chunk):
     """One prefill + replay per normalisation: on a one-chunk context (2048) the two normalisations see the
     same keys and must agree exactly; replayed in 64-token chunks (~160-token context) they must not."""
     out = tmp_path / "dev.json"
-    profile = kvzip_profile(model_dir, tmp_path / "profile.json")
-    argv = ["--model", str(model_dir), "--profile", str(profile), "--tasks", "needle", "--samples", "2",
+    profile = tiny_kvzip_profile(tiny_llama_dir, tmp_path / "profile.json")
+    argv = ["--model", str(tiny_llama_dir), "--profile", str(profile), "--tasks", "needle", "--samples", "2",
             "--context-tokens", "160", "--ratios", "0.8", "--kernels", "1,3", "--normalise", "context,chunk",
             "--replay-chunk", str(replay_chunk), "--dtype", "float32", "--device", "cpu", "--threads", "1",
             "--n-boot", "50", "--out", str(out)]
