@@ -32,7 +32,7 @@ class OracleError(ValueError):
     """Bad input: one line, exit code 2, nothing written."""
 
 
-def oracle_scores(scores, fact):
+def oracle_scores(scores: list, fact) -> list:
     """Per-layer scores [1, KVH, N] with every fact token (``fact`` [N] bool) ranked above every other token."""
     out = []
     for s in scores:
@@ -41,7 +41,7 @@ def oracle_scores(scores, fact):
     return out
 
 
-def split_masks(prepared, split: str, budgets, protection):
+def split_masks(prepared, split: str, budgets, protection) -> dict:
     """The key masks the split keeps on ``prepared`` (``+heads``: per-KV-head budgets as the engine splits them)."""
     from depthkv.calibration.floors import head_masks
     from depthkv.calibration.refine import budget_masks

@@ -128,7 +128,7 @@ def tiny_llama_dir(tmp_path_factory):
     return folder
 
 
-def tiny_kvzip_profile(model_dir, path):
+def tiny_kvzip_profile(model_dir: Path, path: Path) -> Path:
     """A schema-valid agnostic KVzip profile for the tiny model saved in ``model_dir`` (layer 1 the sensitive
     one), written to ``path``."""
     from depthkv.allocation.profile import KIND, SCHEMA_VERSION
