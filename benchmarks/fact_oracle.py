@@ -10,6 +10,11 @@ calibration probe (``masked_kl``: the teacher-forced question + answer through t
 full cache), so the gap between them is what a perfect fact-finder would win under the same budgets. A
 diagnostic, not a method: run it on the calibration split (the default).
 
+``--probe-question TEXT`` adds a third choice that needs no oracle: the context is prefilled once more with TEXT
+(a question that names no fact, e.g. "Which names, numbers and assignments does the text above state?") in the
+question's place, and SnapKV's scores of that prefill (what the probe question's window attends to) rank the
+context tokens, under the same budgets.
+
     python benchmarks/fact_oracle.py --model qwen2.5-coder-1.5b --task vartrack --samples 12 --context-tokens 1024 \\
         --profile docs/results/qwen_gpu_4k/profile_kvzip_agnostic_refined.json --out benchmarks/results/fact_oracle.json
 """
@@ -41,6 +46,22 @@ def oracle_scores(scores: list, fact) -> list:
     return out
 
 
+def probe_scores(model, tokenizer, sample, question: str, context_len: int, protection) -> list:
+    """SnapKV's per-layer scores [1, KVH, context_len] of the context when ``question`` follows it in the prefill."""
+    import dataclasses as dc
+
+    from depthkv.engine import score_prefill
+    from depthkv.eval.runner import prompt_ids
+    from depthkv.scorers import get_scorer
+
+    ctx, _ = prompt_ids(tokenizer, sample, "agnostic", model.device)
+    prefix, _ = prompt_ids(tokenizer, dc.replace(sample, question=question), "aware", model.device)
+    if prefix.shape[1] <= context_len or not bool((prefix[0, :context_len] == ctx[0, :context_len]).all()):
+        raise RuntimeError(f"{sample.id}: the probe prompt does not start with the context part")
+    sp = score_prefill(model, prefix, [get_scorer("snapkv")], protection)
+    return [s[..., :context_len] for s in sp.scores["snapkv"]]
+
+
 def split_masks(prepared, split: str, budgets, protection) -> dict:
     """The key masks the split keeps on ``prepared`` (``+heads``: per-KV-head budgets as the engine splits them)."""
     from depthkv.calibration.floors import head_masks
@@ -64,6 +85,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--splits", default="adaptive+heads,uniform+heads")
     ap.add_argument("--ratio", type=float, default=0.8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--probe-question", default=None, help="also rank by SnapKV scores of this question")
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--out", default=None)
     return ap.parse_args(argv)
@@ -83,6 +105,8 @@ def check(args: argparse.Namespace) -> list[str]:
         raise OracleError(str(exc)) from None
     if args.ratio == 0:
         raise OracleError("--ratio 0 prunes nothing: give a ratio in (0, 1)")
+    if args.probe_question is not None and not args.probe_question.strip():
+        raise OracleError("--probe-question must not be empty")
     if args.samples < 1:
         raise OracleError(f"--samples must be >= 1, got {args.samples}")
     splits = [s for s in args.splits.split(",") if s]
@@ -124,7 +148,8 @@ def run(args: argparse.Namespace, splits: list[str]) -> tuple[dict, list[dict]]:
     n_layers = model.config.num_hidden_layers
     specs = {s: BudgetSpec(args.ratio, s.removesuffix("+heads"), args.profile if not s.startswith("uniform") else None,
                            (), protection.size) for s in splits}
-    kl = {s: {"scorer": [], "oracle": []} for s in splits}
+    choices = ["scorer", "oracle"] + (["probe"] if args.probe_question else [])
+    kl = {s: {c: [] for c in choices} for s in splits}
     per_sample = []
     for item, sample in zip(items, samples, strict=True):
         if item.sample_id != sample.id:
@@ -136,14 +161,18 @@ def run(args: argparse.Namespace, splits: list[str]) -> tuple[dict, list[dict]]:
         raw = prep.sp.scores[prep.scorer]
         oracle = PreparedSample(dataclasses.replace(prep.sp, scores={prep.scorer: oracle_scores(raw, fact)}),
                                 prep.scorer, prep.hidden_in, prep.targets, prep.ref_logp)
+        ranked = {"scorer": prep, "oracle": oracle}
+        if args.probe_question:
+            probe = probe_scores(model, tok, sample, args.probe_question, prep.context_len, protection)
+            ranked["probe"] = PreparedSample(dataclasses.replace(prep.sp, scores={prep.scorer: probe}), prep.scorer,
+                                             prep.hidden_in, prep.targets, prep.ref_logp)
         row = {"id": sample.id, "tokens": prep.context_len, "fact_tokens": int(fact.sum())}
         for split, spec in specs.items():
-            budgets = spec.for_context(n_layers, prep.context_len, scores=raw)  # the scorer's budgets for both
-            pair = masked_kl(model, prep, [split_masks(prep, split, budgets, protection),
-                                           split_masks(oracle, split, budgets, protection)])
-            kl[split]["scorer"].append(float(pair[0]))
-            kl[split]["oracle"].append(float(pair[1]))
-            row[split] = {"scorer": float(pair[0]), "oracle": float(pair[1])}
+            budgets = spec.for_context(n_layers, prep.context_len, scores=raw)  # the scorer's budgets for all
+            got = masked_kl(model, prep, [split_masks(ranked[c], split, budgets, protection) for c in choices])
+            row[split] = {c: float(v) for c, v in zip(choices, got, strict=True)}
+            for c in choices:
+                kl[split][c].append(row[split][c])
         row["seconds"] = round(time.perf_counter() - t0, 2)
         per_sample.append(row)
         print(f"[fact_oracle] {sample.id}: {row['tokens']} tokens, {row['fact_tokens']} fact tokens, "
@@ -152,9 +181,16 @@ def run(args: argparse.Namespace, splits: list[str]) -> tuple[dict, list[dict]]:
     for split in splits:
         a, b = np.array(kl[split]["scorer"]), np.array(kl[split]["oracle"])
         d = paired_diff_ci(b, a, n_boot=args.n_boot, seed=args.seed)
-        rows.append({"split": split, "n": len(a), "kl_scorer": float(a.mean()), "kl_oracle": float(b.mean()),
-                     "oracle_minus_scorer": {"mean": float(d.estimate), "low": float(d.low), "high": float(d.high)},
-                     "oracle_better": int((b < a).sum())})
+        row = {"split": split, "n": len(a), "kl_scorer": float(a.mean()), "kl_oracle": float(b.mean()),
+               "oracle_minus_scorer": {"mean": float(d.estimate), "low": float(d.low), "high": float(d.high)},
+               "oracle_better": int((b < a).sum())}
+        if "probe" in kl[split]:
+            p = np.array(kl[split]["probe"])
+            dp = paired_diff_ci(p, a, n_boot=args.n_boot, seed=args.seed)
+            row.update({"kl_probe": float(p.mean()), "probe_better": int((p < a).sum()),
+                        "probe_minus_scorer": {"mean": float(dp.estimate), "low": float(dp.low),
+                                               "high": float(dp.high)}})
+        rows.append(row)
     meta = {"kind": "depthkv-fact-oracle", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "args": vars(args), "versions": versions(), "device": str(model.device), "samples": per_sample}
     return meta, rows
@@ -167,6 +203,11 @@ def table(rows: list[dict], ratio: float) -> str:
         d = r["oracle_minus_scorer"]
         out.append(f"| {r['split']} | {r['n']} | {r['kl_scorer']:.3f} | {r['kl_oracle']:.3f} | "
                    f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] | {r['oracle_better']}/{r['n']} |")
+    for r in rows:
+        if "kl_probe" in r:
+            d = r["probe_minus_scorer"]
+            out.append(f"| {r['split']}, probe question | {r['n']} | {r['kl_scorer']:.3f} | {r['kl_probe']:.3f} "
+                       f"(probe) | {d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] | {r['probe_better']}/{r['n']} |")
     return "\n".join(out)
 
 

@@ -25,6 +25,7 @@ def bench():
     (["--splits", ","], "give at least one split"),
     (["--splits", "uniform,nosuch+heads"], "unknown allocator 'nosuch'"),
     (["--splits", "adaptive+heads"], "adaptive+heads needs --profile"),
+    (["--probe-question", " "], "--probe-question must not be empty"),
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(bench, tmp_path, capsys, bad, words):
     out = tmp_path / "oracle.json"
@@ -69,3 +70,35 @@ def test_end_to_end_on_a_tiny_model(bench, tiny_llama_dir, tmp_path, capsys, sin
         d = r["oracle_minus_scorer"]
         assert r["n"] == 2 and d["low"] <= d["mean"] <= d["high"]
         assert d["mean"] == pytest.approx(r["kl_oracle"] - r["kl_scorer"])
+
+
+def test_probe_question_ranks_by_its_own_prefill(bench, tiny_llama_dir, tmp_path, capsys, single_thread):
+    """A probe question gives a third ranking, measured under the same budgets and reported against the scorer."""
+    out = tmp_path / "probe.json"
+    argv = ["--model", str(tiny_llama_dir), "--task", "needle", "--samples", "2", "--context-tokens", "300",
+            "--splits", "uniform+heads", "--ratio", "0.7", "--n-boot", "50",
+            "--probe-question", "Which names and numbers does the text above state?", "--out", str(out)]
+    assert bench.main(argv) == 0
+    assert "| uniform+heads, probe question | 2 |" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    (row,) = data["rows"]
+    per_sample = [s["uniform+heads"] for s in data["meta"]["samples"]]
+    assert all(set(p) == {"scorer", "oracle", "probe"} for p in per_sample)
+    assert row["kl_probe"] == pytest.approx(sum(p["probe"] for p in per_sample) / 2)
+    d = row["probe_minus_scorer"]
+    assert d["mean"] == pytest.approx(row["kl_probe"] - row["kl_scorer"]) and d["low"] <= d["mean"] <= d["high"]
+
+
+def test_probe_scores_cover_the_context_only(bench, tiny_llama_dir, single_thread):
+    from depthkv.engine import Protection
+    from depthkv.eval.runner import prompt_ids
+    from depthkv.models import load_model
+    from depthkv.tasks.prompt import token_counter
+    from depthkv.tasks.registry import generate
+
+    lm = load_model(str(tiny_llama_dir), dtype="float32", device="cpu")
+    (sample,) = generate("needle", 1, 0, context_tokens=200, count_tokens=token_counter(lm.tokenizer), split="calib")
+    n = prompt_ids(lm.tokenizer, sample, "agnostic")[0].shape[1]
+    scores = bench.probe_scores(lm.model, lm.tokenizer, sample, "What does it say?", n, Protection())
+    assert len(scores) == lm.model.config.num_hidden_layers
+    assert all(s.shape[-1] == n and torch.isfinite(s).all() for s in scores)
