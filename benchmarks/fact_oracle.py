@@ -26,6 +26,7 @@ import dataclasses
 import sys
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
 from _common import versions, write_results
 from keep_rates import fact_spans, token_mask, token_offsets
@@ -48,14 +49,12 @@ def oracle_scores(scores: list, fact) -> list:
 
 def probe_scores(model, tokenizer, sample, question: str, context_len: int, protection) -> list:
     """SnapKV's per-layer scores [1, KVH, context_len] of the context when ``question`` follows it in the prefill."""
-    import dataclasses as dc
-
     from depthkv.engine import score_prefill
     from depthkv.eval.runner import prompt_ids
     from depthkv.scorers import get_scorer
 
     ctx, _ = prompt_ids(tokenizer, sample, "agnostic", model.device)
-    prefix, _ = prompt_ids(tokenizer, dc.replace(sample, question=question), "aware", model.device)
+    prefix, _ = prompt_ids(tokenizer, dataclasses.replace(sample, question=question), "aware", model.device)
     if prefix.shape[1] <= context_len or not bool((prefix[0, :context_len] == ctx[0, :context_len]).all()):
         raise RuntimeError(f"{sample.id}: the probe prompt does not start with the context part")
     sp = score_prefill(model, prefix, [get_scorer("snapkv")], protection)
@@ -118,6 +117,8 @@ def check(args: argparse.Namespace) -> list[str]:
             raise OracleError(f"--splits: unknown allocator {strategy!r}")
         if strategy != "uniform" and args.profile is None:
             raise OracleError(f"--splits: {split} needs --profile")
+    if args.profile is not None and not Path(args.profile).is_file():
+        raise OracleError(f"--profile: no such file: {args.profile}")
     return splits
 
 

@@ -26,6 +26,7 @@ def bench():
     (["--splits", "uniform,nosuch+heads"], "unknown allocator 'nosuch'"),
     (["--splits", "adaptive+heads"], "adaptive+heads needs --profile"),
     (["--probe-question", " "], "--probe-question must not be empty"),
+    (["--splits", "optimal", "--profile", "/nonexistent/profile.json"], "--profile: no such file"),
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(bench, tmp_path, capsys, bad, words):
     out = tmp_path / "oracle.json"
