@@ -47,18 +47,27 @@ def oracle_scores(scores: list, fact) -> list:
     return out
 
 
-def probe_scores(model, tokenizer, sample, question: str, context_len: int, protection) -> list:
-    """SnapKV's per-layer scores [1, KVH, context_len] of the context when ``question`` follows it in the prefill."""
+def rescored(prepared, scores: list):
+    """``prepared`` with other per-layer scores in its scorer's place (same cache, answer and reference)."""
+    from depthkv.calibration.refine import PreparedSample
+
+    sp = dataclasses.replace(prepared.sp, scores={prepared.scorer: scores})
+    return PreparedSample(sp, prepared.scorer, prepared.hidden_in, prepared.targets, prepared.ref_logp)
+
+
+def probe_scores(model, tokenizer, sample, question: str, context_ids, protection) -> list:
+    """SnapKV's per-layer scores [1, KVH, N] of the context part ``context_ids`` [1, N] when ``question`` follows
+    it in the prefill."""
     from depthkv.engine import score_prefill
     from depthkv.eval.runner import prompt_ids
     from depthkv.scorers import get_scorer
 
-    ctx, _ = prompt_ids(tokenizer, sample, "agnostic", model.device)
+    n = context_ids.shape[1]
     prefix, _ = prompt_ids(tokenizer, dataclasses.replace(sample, question=question), "aware", model.device)
-    if prefix.shape[1] <= context_len or not bool((prefix[0, :context_len] == ctx[0, :context_len]).all()):
+    if prefix.shape[1] <= n or not bool((prefix[0, :n] == context_ids[0].to(prefix.device)).all()):
         raise RuntimeError(f"{sample.id}: the probe prompt does not start with the context part")
     sp = score_prefill(model, prefix, [get_scorer("snapkv")], protection)
-    return [s[..., :context_len] for s in sp.scores["snapkv"]]
+    return [s[..., :n] for s in sp.scores["snapkv"]]
 
 
 def split_masks(prepared, split: str, budgets, protection) -> dict:
@@ -127,7 +136,7 @@ def run(args: argparse.Namespace, splits: list[str]) -> tuple[dict, list[dict]]:
     import torch
 
     from depthkv.allocation import BudgetSpec
-    from depthkv.calibration.refine import PreparedSample, masked_kl, prepare_samples
+    from depthkv.calibration.refine import masked_kl, prepare_samples
     from depthkv.calibration.run import CalibrationConfig, load_items
     from depthkv.calibration.stats import paired_diff_ci
     from depthkv.engine import Protection
@@ -147,8 +156,9 @@ def run(args: argparse.Namespace, splits: list[str]) -> tuple[dict, list[dict]]:
     samples = generate(args.task, args.samples, args.seed, context_tokens=args.context_tokens,
                        count_tokens=token_counter(tok), split="calib")
     n_layers = model.config.num_hidden_layers
-    specs = {s: BudgetSpec(args.ratio, s.removesuffix("+heads"), args.profile if not s.startswith("uniform") else None,
-                           (), protection.size) for s in splits}
+    strategies = {s: s.removesuffix("+heads") for s in splits}
+    specs = {s: BudgetSpec(args.ratio, st, None if st == "uniform" else args.profile, (), protection.size)
+             for s, st in strategies.items()}
     choices = ["scorer", "oracle"] + (["probe"] if args.probe_question else [])
     kl = {s: {c: [] for c in choices} for s in splits}
     per_sample = []
@@ -160,13 +170,10 @@ def run(args: argparse.Namespace, splits: list[str]) -> tuple[dict, list[dict]]:
         text, offsets = token_offsets(tok, item.prompt_ids[0].tolist())
         fact = torch.tensor(token_mask(offsets, fact_spans(args.task, text, sample.meta)))
         raw = prep.sp.scores[prep.scorer]
-        oracle = PreparedSample(dataclasses.replace(prep.sp, scores={prep.scorer: oracle_scores(raw, fact)}),
-                                prep.scorer, prep.hidden_in, prep.targets, prep.ref_logp)
-        ranked = {"scorer": prep, "oracle": oracle}
+        ranked = {"scorer": prep, "oracle": rescored(prep, oracle_scores(raw, fact))}
         if args.probe_question:
-            probe = probe_scores(model, tok, sample, args.probe_question, prep.context_len, protection)
-            ranked["probe"] = PreparedSample(dataclasses.replace(prep.sp, scores={prep.scorer: probe}), prep.scorer,
-                                             prep.hidden_in, prep.targets, prep.ref_logp)
+            ranked["probe"] = rescored(prep, probe_scores(model, tok, sample, args.probe_question, item.prompt_ids,
+                                                          protection))
         row = {"id": sample.id, "tokens": prep.context_len, "fact_tokens": int(fact.sum())}
         for split, spec in specs.items():
             budgets = spec.for_context(n_layers, prep.context_len, scores=raw)  # the scorer's budgets for all

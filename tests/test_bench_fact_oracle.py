@@ -99,7 +99,8 @@ def test_probe_scores_cover_the_context_only(bench, tiny_llama_dir, single_threa
 
     lm = load_model(str(tiny_llama_dir), dtype="float32", device="cpu")
     (sample,) = generate("needle", 1, 0, context_tokens=200, count_tokens=token_counter(lm.tokenizer), split="calib")
-    n = prompt_ids(lm.tokenizer, sample, "agnostic")[0].shape[1]
-    scores = bench.probe_scores(lm.model, lm.tokenizer, sample, "What does it say?", n, Protection())
+    ctx = prompt_ids(lm.tokenizer, sample, "agnostic")[0]
+    n = ctx.shape[1]
+    scores = bench.probe_scores(lm.model, lm.tokenizer, sample, "What does it say?", ctx, Protection())
     assert len(scores) == lm.model.config.num_hidden_layers
     assert all(s.shape[-1] == n and torch.isfinite(s).all() for s in scores)
