@@ -16,9 +16,10 @@ samples (kvpress rows are divided by the full cache of their own harness). Suite
 of the task retentions over the tasks whose full-cache mean reaches ``--min-full`` (a task the full cache
 fails measures nothing; those tasks are listed, and still shown per task). Paired difference = mean over
 tasks of the per-task mean of (method - baseline) on the samples both scored, at the same ratio and with the
-same scorer (a kvpress baseline: with every scorer, as another tool at the same ratio), for every method
-against each baseline and for each baseline against the ones listed before it (``--baselines
-uniform,kvpress:kvzip``: everything against uniform, depthkv against kvpress's KVzip).
+same scorer (a kvpress baseline, or one given with its scorer as ``METHOD/SCORER``: with every scorer, e.g. a
+new scorer against ``adaptive+heads/kvzip``), for every method against each baseline and for each baseline
+against the ones listed before it (``--baselines uniform,kvpress:kvzip``: everything against uniform, depthkv
+against kvpress's KVzip).
 Every 95 % CI is a percentile bootstrap (``depthkv.calibration.stats``) that resamples sample ids within
 each task and recomputes numerator and denominator together; the verdict says whether a difference
 CI lies above 0 (``for``), below 0 (``against``) or covers it (``inconclusive``). CIs are per comparison,
@@ -166,9 +167,25 @@ def reference_of(lbl: str) -> str:
     return KVPRESS_FULL if lbl.startswith("kvpress:") else FULL
 
 
+def whole_label(baseline: str) -> bool:
+    """A baseline that names one label (a kvpress press, or ``METHOD/SCORER``): paired with every scorer."""
+    return baseline.startswith("kvpress:") or "/" in baseline
+
+
 def baseline_label(baseline: str, scorer: str | None) -> str:
-    """The label of ``baseline`` for a method with ``scorer`` (kvpress baselines have no separate scorer)."""
-    return baseline if baseline.startswith("kvpress:") else f"{baseline}/{scorer}"
+    """The label of ``baseline`` for a method with ``scorer`` (a whole-label baseline stays as it is)."""
+    return baseline if whole_label(baseline) else f"{baseline}/{scorer}"
+
+
+def shown_baseline(p: dict) -> str:
+    """A paired row's baseline as the tables show it: its method, with its scorer when that is another."""
+    b = p["baseline"]
+    return b if scorer_of(b) not in (None, p["scorer"]) and not b.startswith("kvpress:") else method_of(b)
+
+
+def baseline_rank(lbl: str, rank: dict[str, int]) -> int:
+    """Position of ``lbl`` among the baselines (by its label or its method; len(rank) when it is none)."""
+    return rank.get(lbl, rank.get(method_of(lbl), len(rank)))
 
 
 def _rkey(ratio: Any) -> float:
@@ -365,9 +382,10 @@ def summarise(data: Data, opts: Options) -> Summary:
     keys = sorted({(lbl, r) for (_, lbl, r) in data.scores if lbl not in FULLS}, key=lambda k: (k[0], k[1]))
     labels = sorted({lbl for lbl, _ in keys})
     methods = {method_of(lbl) for lbl in labels}
-    unknown = [b for b in opts.baselines if b not in methods]
+    unknown = [b for b in opts.baselines if b not in (labels if "/" in b else methods)]
     if unknown:
-        raise InputError(f"unknown baseline {unknown[0]!r}; methods in the data: {', '.join(sorted(methods))}")
+        raise InputError(f"unknown baseline {unknown[0]!r}; methods in the data: {', '.join(sorted(methods))}"
+                         + (f"; labels: {', '.join(labels)}" if "/" in unknown[0] else ""))
     all_tasks = list(dict.fromkeys(t for (t, _, _) in data.scores))  # the order the runs list them
     tasks = []
     for task in all_tasks:
@@ -419,12 +437,12 @@ def summarise(data: Data, opts: Options) -> Summary:
     key_set = set(keys)
     for bi, base in enumerate(opts.baselines):
         for lbl, r in keys:
-            if rank.get(method_of(lbl), len(rank)) <= bi:  # the baseline itself, or an earlier baseline
+            if baseline_rank(lbl, rank) <= bi:  # the baseline itself, or an earlier baseline
                 continue
             blbl = baseline_label(base, scorer_of(lbl))
             # a depthkv baseline pairs with the methods of its own scorer; a kvpress press (another tool at the
-            # same ratio) with every method, whatever its scorer
-            if (blbl, r) not in key_set or (not base.startswith("kvpress:") and scorer_of(blbl) != scorer_of(lbl)):
+            # same ratio) or a METHOD/SCORER label with every method, whatever its scorer
+            if (blbl, r) not in key_set or (not whole_label(base) and scorer_of(blbl) != scorer_of(lbl)):
                 continue
             per_task, groups, missing = [], [], []
             for task in all_tasks:
@@ -499,7 +517,7 @@ def _method_order(labels: Iterable[str], baselines: tuple[str, ...]) -> list[str
     """Baselines first (in the order given), then the other methods alphabetically."""
     labels = list(labels)
     rank = {b: i for i, b in enumerate(baselines)}
-    return sorted(labels, key=lambda lbl: (rank.get(method_of(lbl), len(rank)), method_of(lbl), lbl))
+    return sorted(labels, key=lambda lbl: (baseline_rank(lbl, rank), method_of(lbl), lbl))
 
 
 def render_markdown(s: Summary, meta: dict, opts: Options, data: Data, outputs: dict[str, str],
@@ -569,7 +587,7 @@ def render_markdown(s: Summary, meta: dict, opts: Options, data: Data, outputs: 
     order = {lbl: i for i, lbl in enumerate(_method_order(s.labels, opts.baselines))}
     paired = sorted(s.paired, key=lambda p: (p["scorer"] or "", p["ratio"], order[p["label"]], p["baseline"]))
     for p in paired:
-        lines.append(f"| {p['scorer']} | {p['ratio']:g} | {p['method']} | {method_of(p['baseline'])} | "
+        lines.append(f"| {p['scorer']} | {p['ratio']:g} | {p['method']} | {shown_baseline(p)} | "
                      f"{p['n_pairs']} | {_fmt(p['diff'], p['ci'], signed=True, digits=3)} | {p['verdict']} |")
     lines += ["", "<details><summary>Per task</summary>", "",
               "| scorer | ratio | method | baseline | task | pairs | difference [CI] | verdict |",
@@ -577,7 +595,7 @@ def render_markdown(s: Summary, meta: dict, opts: Options, data: Data, outputs: 
     for p in paired:
         for t in p["tasks"]:
             name = t["task"] if t["included"] else f"{t['task']} (excluded)"
-            lines.append(f"| {p['scorer']} | {p['ratio']:g} | {p['method']} | {method_of(p['baseline'])} | "
+            lines.append(f"| {p['scorer']} | {p['ratio']:g} | {p['method']} | {shown_baseline(p)} | "
                          f"{name} | "
                          f"{t['n']} | {_fmt(t['diff'], t['ci'], signed=True, digits=3)} | {t['verdict']} |")
     lines += ["", "</details>", ""]
@@ -673,7 +691,7 @@ def render_plots(s: Summary, meta: dict, opts: Options) -> tuple[bytes, bytes]:
             by[e["label"]].append(e)
 
     def style(lbl: str) -> dict:
-        base = method_of(lbl) in opts.baselines
+        base = method_of(lbl) in opts.baselines or lbl in opts.baselines
         return {"color": colors[method_of(lbl)], "ls": "--" if base else "-", "marker": "s" if base else "o",
                 "ms": 4, "lw": 1.5}
 

@@ -21,7 +21,7 @@ from tests.conftest import ARCHS
 PROT = dict(n_sink=2, n_recent=4)
 GEN = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
 LENGTHS = (41, 58, 30)  # the longest in the middle: padding on both neighbours
-IN_PREFILL = sorted(name for name in SCORERS if name != "kvzip")  # kvzip replays the context: batch 1 only
+IN_PREFILL = sorted(name for name in SCORERS if not get_scorer(name).context_pass)  # replays: batch 1
 KV_SLOT = 2 * 16 * 4  # keys + values of one token of one KV head: head_dim 16, float32
 
 

@@ -19,7 +19,7 @@ from depthkv.allocation import Budgets
 from depthkv.engine import clone_cache, layer_lengths
 from depthkv.engine.runner import generate_from_cache
 from depthkv.engine.static import FastConfig, FastDecodeError, FastDecoder, StaticPrunedCache, fast_generate
-from depthkv.scorers import SCORERS
+from depthkv.scorers import SCORERS, get_scorer
 from tests.conftest import ARCHS
 
 DEVICE = os.environ.get("DEPTHKV_TEST_DEVICE", "cpu")
@@ -270,7 +270,7 @@ def left_pad(lengths, seed=11):
     return [x.to(DEVICE) for x in seqs], ids.to(DEVICE), mask.to(DEVICE)
 
 
-IN_PREFILL = sorted(name for name in SCORERS if name != "kvzip")  # kvzip replays one context: batch 1 only
+IN_PREFILL = sorted(name for name in SCORERS if not get_scorer(name).context_pass)  # kvzip replays one context: batch 1
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -302,3 +302,26 @@ def test_tag_tells_apart_the_same_method_run_under_other_conditions(tmp_path, ca
         run([a, b, "--setting", "aware", "--tag", "agf=a/b", "--out", out3, *N_BOOT])
     assert exc.value.code == 2
     assert not out3.parent.exists()
+
+
+def test_a_baseline_with_its_scorer_pairs_with_every_scorer(tmp_path, capsys):
+    """--baselines METHOD/SCORER: one label (a scorer variant against the method it varies), like a kvpress press."""
+    a = write_run(tmp_path / "ag", {"alpha": {"full": [1, 1, 1, 1], "adaptive+heads/kvzip": [1, 0, 0, 0],
+                                              "adaptive+heads/kvzip_v": [1, 1, 0, 1],
+                                              "uniform/kvzip_v": [0, 0, 0, 1]}}, setting="agnostic")
+    out = tmp_path / "res" / "x"
+    assert run([a, "--setting", "agnostic", "--baselines", "uniform,adaptive+heads/kvzip", "--out", out,
+                *N_BOOT]) == 0
+    res = json.loads(out.with_suffix(".json").read_text())
+    paired = {(p["label"], p["baseline"]): p["diff"] for p in res["paired"]}
+    assert paired[("adaptive+heads/kvzip_v", "adaptive+heads/kvzip")] == pytest.approx(0.5)
+    assert paired[("adaptive+heads/kvzip_v", "uniform/kvzip_v")] == pytest.approx(0.5)
+    assert ("uniform/kvzip_v", "adaptive+heads/kvzip") not in paired  # an earlier baseline: not against a later one
+    assert ("adaptive+heads/kvzip", "adaptive+heads/kvzip") not in paired
+    assert "| kvzip_v | 0.8 | adaptive+heads | adaptive+heads/kvzip |" in out.with_suffix(".md").read_text()
+    # a label that is not in the data: one error line, nothing written
+    capsys.readouterr()
+    out2 = tmp_path / "bad" / "x"
+    assert run([a, "--setting", "agnostic", "--baselines", "optimal/kvzip", "--out", out2, *N_BOOT]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: unknown baseline 'optimal/kvzip'; methods in the data")
+    assert not out2.parent.exists()

@@ -135,6 +135,9 @@ class Press:
         self.scorer = bind_scorer(get_scorer(config.scorer, **config.scorer_options), model, config.tokenizer)
         if config.setting is not None:
             self._check_profile(config.setting)
+        if self.scorer.whole_context and config.mode == "chunked":
+            raise ValueError(f"scorer {self.scorer.name!r} orders the whole context's scores once it is replayed: "
+                             "use mode='post'")
         self.protection = Protection(config.n_sink, config.n_recent)
         self.policy = config.make_policy(self.session.n_layers, self.protection)
         if getattr(self.policy, "needs_scores", False) and config.mode == "chunked":

@@ -95,6 +95,10 @@ def reconstruct_scores(
             drop_tail(cache, chunk.shape[1])
             stats.forwards += 1
             stats.tokens += chunk.shape[1]
+        slot = session.scores.get(scorer.name, [])
+        for layer, scores in enumerate(slot):
+            if scores is not None:
+                slot[layer] = scorer.finish(scores, cache.layers[layer].values)
     session.plan = prev_plan
     session.scores = kept
     if context_ids.is_cuda:

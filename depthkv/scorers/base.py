@@ -45,9 +45,16 @@ class Scorer:
     cumulative: ClassVar[bool] = False
     needs_attention: ClassVar[bool] = False
     context_pass: ClassVar[bool] = False
+    whole_context: ClassVar[bool] = False  # ``finish`` needs the whole context's scores: no chunk-by-chunk pruning
 
     def score(self, x: ScoreInputs) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def finish(self, scores: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Context-pass scorers: a last step over one layer's scores [B, KVH, N], max-accumulated over every
+        replayed chunk, with the layer's cached values [B, KVH, >=N, d] (the first N are the scored keys).
+        Most scorers have none."""
+        return scores
 
     def bind(self, tokenizer) -> Scorer:
         """This scorer, completed with what it needs from the tokenizer (most need nothing)."""
