@@ -237,10 +237,11 @@ def check_profile_use(args: argparse.Namespace, setting: str) -> None:
     from depthkv.allocation.defaults import press_defaults
     from depthkv.allocation.profile import Profile
 
-    if args.scorer is None:
-        args.scorer = press_defaults(setting).scorer
-    if args.profile is not None and args.budgets is None:
-        Profile.load(args.profile).check_use(args.scorer, setting, force=args.force_profile)
+    profile = Profile.load(args.profile) if args.profile is not None and args.budgets is None else None
+    if args.scorer is None:  # the profile's own scorer when it was calibrated in this setting
+        args.scorer = press_defaults(setting, profile).scorer
+    if profile is not None:
+        profile.check_use(args.scorer, setting, force=args.force_profile)
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:

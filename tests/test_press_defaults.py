@@ -30,6 +30,23 @@ def test_press_defaults_table(setting, profile, ratio, mode, heads, want):
     assert (d.scorer, d.strategy, d.head_budgets) == want
 
 
+V_AGNOSTIC = SimpleNamespace(data={"scorer": {"name": "kvzip_v"}, "setting": "agnostic"})
+H2O_AWARE = SimpleNamespace(data={"scorer": {"name": "h2o"}})  # no setting recorded: question-aware
+
+
+@pytest.mark.parametrize("setting, profile, mode, want", [
+    ("agnostic", V_AGNOSTIC, "post", ("kvzip_v", "adaptive", True)),  # the profile names its scorer
+    ("agnostic", V_AGNOSTIC, "chunked", ("kvzip_v", "optimal", False)),  # (kvzip_v then refuses chunked mode)
+    ("aware", V_AGNOSTIC, "post", ("snapkv", "optimal", False)),  # calibrated in another setting: the table's
+    ("aware", H2O_AWARE, "post", ("h2o", "optimal", False)),
+    (None, H2O_AWARE, "post", ("h2o", "optimal", False)),
+    ("agnostic", H2O_AWARE, "post", ("kvzip", "adaptive", True)),
+])
+def test_a_profile_names_the_default_scorer_in_its_own_setting(setting, profile, mode, want):
+    d = press_defaults(setting, profile, 0.8, mode=mode)
+    assert (d.scorer, d.strategy, d.head_budgets) == want
+
+
 def test_refined_at_matches_ratios_as_numbers():
     assert refined_at(REFINED, 0.8) and refined_at(REFINED, 0.9000000000001)
     assert not refined_at(REFINED, 0.85) and not refined_at(PLAIN, 0.8) and not refined_at(None, 0.8)

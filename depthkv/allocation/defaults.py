@@ -14,6 +14,9 @@ Qwen2.5-Coder-1.5B runs in README "Which settings to use":
   (``adaptive-joint``) are not the default: they were not better consistently (Qwen 4k +0.055 at 0.9, Qwen 16k
   +0.013, SmolLM2 1k −0.083 in score) and they tie the split to the ratios a profile was refined at.
 
+A profile that records the scorer it was calibrated with, in the setting asked for, names the scorer instead (a
+``kvzip_v`` profile gives ``kvzip_v``: a profile serves only its own scorer, so taking it is what the caller meant).
+
 Input-adaptive splits and head budgets rank the whole context's scores once, after the prefill: a chunked prefill
 (``mode="chunked"``) keeps a static split (``optimal-joint`` where refined, else ``optimal``) and one budget per
 layer; so does a tensor-parallel model (each rank holds other heads).
@@ -52,8 +55,18 @@ def press_defaults(setting: str | None, profile: Any = None, ratio: float | None
     ``profile`` (or None), the ``ratio``, the prefill ``mode`` and whether heads may get their own budgets
     (``split_heads=False`` under tensor parallelism)."""
     if setting != "agnostic":
-        return PressDefaults(AWARE_SCORER, "optimal" if profile is not None else "uniform", False)
+        scorer = profile_scorer(profile, "aware") or AWARE_SCORER
+        return PressDefaults(scorer, "optimal" if profile is not None else "uniform", False)
+    scorer = profile_scorer(profile, "agnostic") or AGNOSTIC_SCORER
     if mode != "post" or not split_heads:  # one static split, one budget per layer
         static = ("optimal-joint" if refined_at(profile, ratio) else "optimal") if profile is not None else "uniform"
-        return PressDefaults(AGNOSTIC_SCORER, static, False)
-    return PressDefaults(AGNOSTIC_SCORER, "adaptive" if profile is not None else "global", True)
+        return PressDefaults(scorer, static, False)
+    return PressDefaults(scorer, "adaptive" if profile is not None else "global", True)
+
+
+def profile_scorer(profile: Any, setting: str) -> str | None:
+    """The scorer ``profile`` was calibrated with when it was calibrated in ``setting`` (profiles without a
+    recorded setting count as question-aware); None when it records none or ``profile`` is None."""
+    data = (getattr(profile, "data", None) or {}) if profile is not None else {}
+    name = (data.get("scorer") or {}).get("name")
+    return name if name and (data.get("setting") or "aware") == setting else None
