@@ -214,12 +214,25 @@ def check_writable(path: Path | None, flag: str) -> None:
         raise SystemExit(f"error: {flag} {path} is not writable")
 
 
+def check_chunked(args: argparse.Namespace) -> None:
+    """--chunk-size prunes chunk by chunk: refuse, in one line, what needs the whole context's scores first."""
+    from depthkv.scorers import get_scorer
+
+    if args.head_budgets:
+        raise SystemExit("error: --head-budgets splits budgets once after the prefill; it cannot be combined with "
+                         "--chunk-size")
+    if args.scorer is not None and get_scorer(args.scorer).whole_context:
+        raise SystemExit(f"error: --scorer {args.scorer} orders the whole context's scores once it is replayed; "
+                         "it cannot prune chunk by chunk (drop --chunk-size)")
+
+
 def _press_kwargs(args: argparse.Namespace) -> dict:
     from depthkv.allocation import Budgets
 
     kw: dict = dict(scorer=args.scorer, n_sink=args.n_sink, n_recent=args.n_recent,
                     protected_layers=(0,) if args.protect_first_layer else (), head_budgets=args.head_budgets)
     if args.chunk_size is not None:
+        check_chunked(args)
         kw.update(mode="chunked", chunk_size=args.chunk_size)
     if args.budgets is not None:
         if args.profile or args.strategy:

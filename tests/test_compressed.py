@@ -459,3 +459,19 @@ def test_cli_ask_with_another_tokenizer_is_refused(cli, tmp_path, capsys, monkey
         warnings.simplefilter("ignore")
         assert main(["ask", str(out), "What is the passkey?"]) == 2
     _one_error_line(capsys, "another tokenizer")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--scorer", "kvzip_v"], "error: --scorer kvzip_v orders the whole context's scores once it is replayed; it "
+                              "cannot prune chunk by chunk (drop --chunk-size)"),
+    (["--scorer", "snapkv", "--head-budgets"], "error: --head-budgets splits budgets once after the prefill; it "
+                                               "cannot be combined with --chunk-size"),
+])
+def test_cli_compress_refuses_what_cannot_prune_chunk_by_chunk(cli, tmp_path, capsys, extra, message):
+    main, ctx_file, _, _ = cli
+    out = tmp_path / "ctx.dkv"
+    capsys.readouterr()
+    assert main(["compress", "--model", "tiny", "--ratio", "0.5", "--chunk-size", "16", *extra,
+                 "--context-file", str(ctx_file), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == message
+    assert not out.exists()
