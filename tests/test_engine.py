@@ -36,7 +36,7 @@ def test_ratio_zero_reproduces_full_cache(tiny_models, prompt_ids, arch, impl, m
     ref = model.generate(prompt_ids, **GEN)
     for scorer in SCORERS:
         if mode == "chunked" and get_scorer(scorer).whole_context:
-            continue  # refused in chunked mode (tested below)
+            continue  # refused in chunked mode (tests/test_kvzip_value.py)
         with depthkv.press(model, scorer, ratio=0.0, mode=mode, chunk_size=32, **PROT,
                            **SCORER_OPTIONS.get(scorer, {})) as p:
             out = model.generate(prompt_ids, **GEN)

@@ -270,7 +270,7 @@ def left_pad(lengths, seed=11):
     return [x.to(DEVICE) for x in seqs], ids.to(DEVICE), mask.to(DEVICE)
 
 
-IN_PREFILL = sorted(name for name in SCORERS if not get_scorer(name).context_pass)  # kvzip replays one context: batch 1
+IN_PREFILL = sorted(name for name in SCORERS if not get_scorer(name).context_pass)  # replays: batch 1
 
 
 @pytest.mark.parametrize("arch", ARCHS)
