@@ -15,7 +15,7 @@ the full cache): at ratio 0.9 vartrack 1.20 -> 0.58 and multikey 0.19 -> 0.13; a
 multikey 0.002 -> 0.017. Held out (the ``eval`` split, 40 samples each of needle, multikey, vartrack and docqa, the
 question after compression, ``adaptive`` with per-head budgets and a profile calibrated with this scorer): 0.70 /
 0.68 of the full-cache score at ratio 0.9 at 4k / 8k tokens against plain KVzip's 0.55 / 0.53; level at 0.8; a
-little below KVzip at 0.8 on summaries and code (docs/agnostic.md).
+little below KVzip at 0.8 on summaries and code; no gain on SmolLM2-135M at 1k tokens (docs/agnostic.md).
 """
 
 from __future__ import annotations
