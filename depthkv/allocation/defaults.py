@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from depthkv.allocation.profile import Profile
 from depthkv.allocation.sensitivity import refined_entry
 
 AWARE_SCORER = "snapkv"
@@ -67,6 +68,7 @@ def press_defaults(setting: str | None, profile: Any = None, ratio: float | None
 def profile_scorer(profile: Any, setting: str) -> str | None:
     """The scorer ``profile`` was calibrated with when it was calibrated in ``setting`` (profiles without a
     recorded setting count as question-aware); None when it records none or ``profile`` is None."""
-    data = (getattr(profile, "data", None) or {}) if profile is not None else {}
-    name = (data.get("scorer") or {}).get("name")
-    return name if name and (data.get("setting") or "aware") == setting else None
+    if profile is None:
+        return None
+    view = Profile(getattr(profile, "data", None) or {})  # the profile's own accessors read its document
+    return view.scorer_name if view.scorer_name and view.setting == setting else None
