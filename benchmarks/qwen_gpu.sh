@@ -34,7 +34,8 @@
 # consecutive samples), NO_PROXY [unset]
 # (set: the profile skips the paper's proxy metrics, which the mga and mlma allocators read), TASK_OPTIONS (eval:
 # the generators' options as JSON, e.g. '{"gsm_inf": {"num_distractors": 4}}'; METHODS=full PROFILE=none for a
-# full-cache difficulty probe).
+# full-cache difficulty probe), SCORER_OPTIONS (calibrate and eval: scorer options as JSON per scorer, e.g.
+# '{"kvzip": {"self_window": 1}}'), PTAG (with SCORER_OPTIONS: the profile is profile_SCORER_PTAG_SETTING.json).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${MODEL:-qwen2.5-coder-1.5b}
@@ -65,7 +66,8 @@ export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}  # /tmp/site: wheels
 mkdir -p "$RUNS"
 # the step's scorer: $SCORER, else SnapKV (aware) / KVzip (agnostic); profiles are named after scorer and setting
 scorer_for() { if [ -n "${SCORER:-}" ]; then echo "$SCORER"; elif [ "$1" = aware ]; then echo snapkv; else echo kvzip; fi; }
-profile_for() { echo "$RUNS/profile_$(scorer_for "$1")_$1.json"; }
+# PTAG names a profile calibrated with SCORER_OPTIONS apart from the scorer's plain one
+profile_for() { echo "$RUNS/profile_$(scorer_for "$1")${PTAG:+_$PTAG}_$1.json"; }
 has_key() { python3 -c "import json, sys; sys.exit(0 if json.load(open(sys.argv[1])).get(sys.argv[2]) else 1)" "$1" "$2"; }
 has_refined() { has_key "$1" refined; }
 if [ -n "${DEVICES:-}" ]; then devices=(--devices "$DEVICES"); else devices=(--device "$DEVICE"); fi
@@ -73,6 +75,8 @@ depthkv=(python3 -m depthkv)
 [ -n "${TORCHRUN:-}" ] && depthkv=(python3 -m torch.distributed.run --standalone --nproc-per-node "$TORCHRUN" -m depthkv)
 proxy=()
 [ -n "${NO_PROXY:-}" ] && proxy=(--no-proxy)
+sopts=()  # SCORER_OPTIONS: JSON per scorer, e.g. {"kvzip_v": {"self_window": 1}} (calibrate and eval)
+[ -n "${SCORER_OPTIONS:-}" ] && sopts=(--scorer-options "$SCORER_OPTIONS")
 step=${1:-}
 case "$step" in
 calibrate)
@@ -82,7 +86,7 @@ calibrate)
     echo "profile exists: $out"
   else
     L=$(limit); [ "$L" -gt 0 ] && timeout "$L" python3 -m depthkv calibrate --model "$MODEL" --device "$DEVICE" --scorer "$(scorer_for "$setting")" \
-      --setting "$setting" --samples "$CALIB_SAMPLES" --context-tokens "$CALIB_CTX" --probe-ratios 0.5,0.8,0.95,1.0 \
+      "${sopts[@]}" --setting "$setting" --samples "$CALIB_SAMPLES" --context-tokens "$CALIB_CTX" --probe-ratios 0.5,0.8,0.95,1.0 \
       "${proxy[@]}" --out "$out" 2>&1 | tail -n 30 || echo "calibrate failed or stopped at the limit"
   fi
   # refine the optimal budgets on the joint damage of all layers pruned (strategy optimal-joint) and choose
@@ -116,6 +120,7 @@ eval)
   extra=()
   [ "$profile" != none ] && extra=(--profile "$profile")
   [ -n "${TASK_OPTIONS:-}" ] && extra+=(--task-options "$TASK_OPTIONS")
+  extra+=("${sopts[@]}")
   # a profile serves the scorers it was not calibrated with only on purpose: say so in the run's record
   [ "$profile" != none ] && [ "$scorers" != "$(scorer_for "$SETTING")" ] && extra+=(--force-profile)
   L=$(limit); [ "$L" -gt 0 ] && timeout "$L" "${depthkv[@]}" eval --model "$MODEL" "${devices[@]}" --tasks "$TASKS" --settings "$SETTING" \

@@ -567,6 +567,9 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
                         "JSONL file of {context, question, answer} rows")
     p.add_argument("--scorer", default="snapkv", choices=sorted(SCORERS),
                    help="token scorer the probes prune with; use the profile with the same scorer")
+    p.add_argument("--scorer-options", default=None,
+                   help='options of --scorer as JSON, in eval\'s form, e.g. \'{"kvzip_v": {"value_weight": 1.0}}\' '
+                        "(recorded in the profile)")
     p.add_argument("--setting", default="aware", choices=SETTINGS,
                    help="aware: the question is inside the pruned prefill (generate, eval --settings aware); "
                         "agnostic: only the context is pruned, the question follows (compress/ask, "
@@ -629,7 +632,17 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise SystemExit("error: --samples must be >= 2 (statistics need more than one sample)")
     if args.probe_batch < 1:
         raise SystemExit(f"error: --probe-batch must be >= 1, got {args.probe_batch}")
-    get_scorer(args.scorer)
+    options = parse_scorer_options(args.scorer_options)
+    others = sorted(set(options) - {args.scorer})
+    if others:
+        raise CliError(f"--scorer-options names scorer(s) other than --scorer {args.scorer}: {', '.join(others)}")
+    options = options.get(args.scorer, {})
+    if not isinstance(options, dict):
+        raise CliError(f"--scorer-options: the options of {args.scorer} must be a JSON object, got {options!r}")
+    try:
+        get_scorer(args.scorer, **options)
+    except (TypeError, ValueError) as exc:
+        raise CliError(f"--scorer-options: {exc}") from None
     check_calibration_data(args.data)
     if args.plots:
         pyplot("--plots")  # before the calibration: a missing extra is said at once
@@ -637,7 +650,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     floors = _floor_grid(args.floor_shares) if args.floor_shares is not None else ()
     if floors and not refine:
         raise CliError("--floor-shares are tuned at the refined ratios: give --refine-ratios too")
-    cfg = CalibrationConfig(scorer=args.scorer, setting=args.setting, probe_ratios=probes, samples=args.samples,
+    cfg = CalibrationConfig(scorer=args.scorer, scorer_options=options, setting=args.setting, probe_ratios=probes,
+                            samples=args.samples,
                             refine_ratios=refine, floor_shares=floors,
                             context_tokens=args.context_tokens, data=args.data, seed=args.seed,
                             n_sink=args.n_sink, n_recent=args.n_recent, n_perm=args.permutations,
@@ -881,6 +895,8 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
                    help="least tokens a pruned layer keeps (default: the protected window, n-sink + n-recent)")
     p.add_argument("--task-options", default=None,
                    help='task generator options as JSON, e.g. \'{"needle": {"lengths": [512, 1024]}}\'')
+    p.add_argument("--scorer-options", default=None,
+                   help='scorer options as JSON per scorer, e.g. \'{"kvzip_v": {"value_weight": 1.0}}\'')
     p.add_argument("--out", type=Path, required=True, help="results folder (resumed if it holds the same run)")
     p.add_argument("--force", action="store_true", help="start over in --out even if it holds another run")
     p.add_argument("--no-progress", action="store_true")
@@ -941,6 +957,19 @@ def parse_task_options(text: str | None) -> dict[str, dict]:
     return d
 
 
+def parse_scorer_options(text: str | None, flag: str = "--scorer-options") -> dict:
+    """A JSON object of scorer options (checked by the scorer itself once it is built)."""
+    if not text:
+        return {}
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CliError(f"{flag} must be a JSON object: {exc}") from None
+    if not isinstance(d, dict):
+        raise CliError(f"{flag} must be a JSON object, got {text!r}")
+    return d
+
+
 def _eval(args: argparse.Namespace) -> int:
     from depthkv.eval.runner import EvalConfig, run_eval
 
@@ -957,7 +986,8 @@ def _eval(args: argparse.Namespace) -> int:
         context_tokens=args.context_tokens, settings=settings,
         profile=str(args.profile) if args.profile else None, seed=args.seed, max_new_tokens=args.max_new_tokens,
         protect_first_layer=args.protect_first_layer, n_sink=args.n_sink, n_recent=args.n_recent,
-        min_tokens=args.min_tokens, task_options=parse_task_options(args.task_options), dtype=args.dtype,
+        min_tokens=args.min_tokens, task_options=parse_task_options(args.task_options),
+        scorer_options=parse_scorer_options(args.scorer_options), dtype=args.dtype,
         attn=args.attn, force_profile=args.force_profile, decode=args.decode, decode_batch=args.decode_batch,
     )
     cfg.validate()  # before loading the model: bad names and a missing --profile fail at once

@@ -138,6 +138,9 @@ def test_bad_numbers_are_one_line_errors(tmp_path, prompt, flag, value, why, cap
     (["--tasks", " , "], "--tasks is empty"),
     (["--task-options", "{bad"], "--task-options must be a JSON object"),
     (["--task-options", '{"needle": 3}'], "--task-options must map task names to objects"),
+    (["--scorer-options", "[1]"], "--scorer-options must be a JSON object"),
+    (["--scorers", "kvzip", "--scorer-options", '{"kvzip_v": {}}'], "not in --scorers: kvzip_v"),
+    (["--scorers", "kvzip_v", "--scorer-options", '{"kvzip_v": {"value_weight": -1}}'], "value_weight >= 0"),
 ])
 def test_eval_list_arguments_are_one_line_errors(tmp_path, args, why, capsys, no_model):
     out = tmp_path / "run"
@@ -211,6 +214,18 @@ def test_calibrate_data_checked_before_loading(tmp_path, capsys, no_model):
     assert main([*base, "--data", str(tmp_path / "none.jsonl")]) == 2
     assert "no such file" in one_error_line(capsys.readouterr().err)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("options,why", [
+    ("{bad", "--scorer-options must be a JSON object"),
+    ('{"snapkv": {}}', "other than --scorer kvzip: snapkv"),
+    ('{"kvzip": {"self_window": -2}}', "self_window"),
+    ('{"kvzip": [1]}', "must be a JSON object"),
+])
+def test_calibrate_scorer_options_checked_before_loading(tmp_path, capsys, no_model, options, why):
+    out = tmp_path / "p.json"
+    rc = main(["calibrate", "--samples", "2", "--scorer", "kvzip", "--scorer-options", options, "--out", str(out)])
+    assert rc == 2 and why in one_error_line(capsys.readouterr().err) and not out.exists()
 
 
 def test_allocate_needs_profile_for_optimal(capsys):

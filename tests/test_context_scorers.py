@@ -14,7 +14,7 @@ from depthkv.engine.cache import layer_lengths
 from depthkv.engine.reconstruct import ContextPassError, replay_chunks, replay_inputs
 from depthkv.scorers import ExpectedAttention, KVzip, ScoreInputs, get_scorer
 from depthkv.scorers.expected_attention import rope_matrix, rotate
-from depthkv.scorers.kvzip import span_max_pool
+from depthkv.scorers.kvzip import _max_attention, span_max_pool
 
 PROMPT = (7, 8, 9)
 
@@ -45,6 +45,11 @@ def _reference_kvzip(model, ctx: torch.Tensor, scorer: KVzip) -> list[torch.Tens
                 a = torch.where(keep, a, 0.0)
                 a = a / a.sum(-1, keepdim=True)
             a = a[..., :n]
+            if scorer.self_window is not None:  # leave out each key's copying queries
+                replayed = torch.full((a.shape[-2],), -10**9)
+                replayed[a.shape[-2] - (end - start):] = torch.arange(start, end)
+                near = (replayed[:, None] - (torch.arange(n)[None, :] - 1)).abs() <= scorer.self_window
+                a = torch.where(near, a * scorer.self_weight, a)
             per.append(a.reshape(kvh, -1, a.shape[-2], n).amax(dim=(1, 2))[None])
         best = per if best is None else [torch.maximum(b, p) for b, p in zip(best, per)]
     return best
@@ -64,6 +69,34 @@ def test_kvzip_scores_equal_attention_of_full_forwards(tiny_models, arch, chunk)
         torch.testing.assert_close(got, want.float(), atol=2e-5, rtol=1e-4)
     # the replayed tokens are gone again: the cache holds exactly the context
     assert layer_lengths(sp.cache) == [90] * 4 and sp.cache.get_seq_length() == 90
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize(("chunk", "window", "weight", "normalise"),
+                         [(200, 0, 0.0, "context"), (33, 2, 0.0, "context"), (33, 1, 0.0, "chunk"),
+                          (33, 1, 0.25, "context")])
+def test_kvzip_self_window_leaves_out_the_copying_queries(tiny_models, arch, chunk, window, weight, normalise):
+    model = tiny_models(arch, "eager")
+    ctx = _ids(90, seed=4)
+    scorer = KVzip(replay_chunk=chunk, prompt_ids=PROMPT, self_window=window, self_weight=weight, normalise=normalise)
+    got = score_prefill(model, ctx, [scorer], Protection()).scores["kvzip"]
+    ref = _reference_kvzip(model, ctx, scorer)
+    plain = score_prefill(model, ctx, [KVzip(replay_chunk=chunk, prompt_ids=PROMPT, normalise=normalise)],
+                          Protection()).scores["kvzip"]
+    for g, w, p in zip(got, ref, plain, strict=True):
+        torch.testing.assert_close(g, w.float(), atol=2e-5, rtol=1e-4)
+        assert bool((g <= p + 1e-6).all())  # fewer queries: never a larger maximum
+    assert any(not torch.allclose(g, p, atol=1e-4) for g, p in zip(got, plain))
+
+
+def test_kvzip_self_window_is_checked():
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="self_window"):
+            KVzip(self_window=bad)
+    for bad in (-0.1, 1.5, True, "0.5"):
+        with pytest.raises(ValueError, match="self_weight"):
+            KVzip(self_window=1, self_weight=bad)
+    assert KVzip(self_window=0).self_window == 0 and KVzip().self_window is None
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -115,14 +148,14 @@ def test_kvzip_chunk_masked_path_equals_subset_path():
     s = KVzip(prompt_ids=PROMPT, normalise="chunk", sink=2)
     subset = s.score(x)  # every head sees 2 + 10 context keys: gathered subset
     assert bool((subset[..., 2:10] == 0).all()) and bool((subset[..., 20:] == 0).all())
-    masked = KVzip._max_attention(x, n, s._visible(x))
+    masked = _max_attention(x, n, s._visible(x))
     torch.testing.assert_close(subset, masked, atol=1e-6, rtol=1e-5)
     # head 1 holds other logical positions (as after a per-head pruning): its visible count differs
     x.positions[0, 1, :n] = torch.arange(0, 2 * n, 2)
     mixed = s.score(x)
     vis = s._visible(x)
     assert int(vis[0, 0, :n].sum()) != int(vis[0, 1, :n].sum())
-    torch.testing.assert_close(mixed, KVzip._max_attention(x, n, vis), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(mixed, _max_attention(x, n, vis), atol=1e-6, rtol=1e-5)
     assert bool((mixed[0, 1][~vis[0, 1, :n]] == 0).all())
 
 

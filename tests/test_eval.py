@@ -427,3 +427,48 @@ def test_decoder_choice_follows_the_model_family():
     assert _decoder("auto", gpt2) == "hf"
     with pytest.raises(EvalError, match="--decode fast"):
         _decoder("fast", gpt2)
+
+
+def test_scorer_options_reach_the_scorer_rows_and_command(tmp_path, lm):
+    """--scorer-options builds each scorer with its options, is recorded in every row and in the command, and is
+    part of the run's identity (a run without options keeps the record it had before)."""
+    seen = []
+    from depthkv.scorers import KVzip
+
+    class Spy(KVzip):
+        def score(self, x):
+            seen.append(self.self_window)
+            return super().score(x)
+
+    cfg = config(tmp_path, lm, tasks=("needle",), methods=("full", "uniform"), scorers=("kvzip",), ratios=(0.5,),
+                 samples=1, settings=("agnostic",), profile=None, force_profile=False,
+                 scorer_options={"kvzip": {"self_window": 1}})
+    built = cfg.scorer("kvzip")
+    assert built.self_window == 1 and "--scorer-options" in cfg.command_line()
+    assert '{"kvzip":{"self_window":1}}' in cfg.command_line()
+    assert "scorer_options" in cfg.run_record()
+    assert "scorer_options" not in config(tmp_path, lm, profile=None).run_record()
+    import depthkv.scorers as scorers_mod
+
+    original = scorers_mod.SCORERS["kvzip"]
+    scorers_mod.SCORERS["kvzip"] = Spy
+    try:
+        res = run_eval(lm, cfg, tmp_path / "run", progress=False)
+    finally:
+        scorers_mod.SCORERS["kvzip"] = original
+    assert seen and set(seen) == {1}
+    pruned = [r for r in res.rows if r["method"] == "uniform"]
+    assert pruned and all(r["scorer_options"] == {"kvzip": {"self_window": 1}} for r in pruned)
+
+
+@pytest.mark.parametrize("options,why", [
+    ({"snapkv": {}}, "not in --scorers: snapkv"),
+    ({"kvzip": {"self_window": -1}}, "self_window"),
+    ({"kvzip": {"nope": 1}}, "nope"),
+    ({"kvzip": 3}, "must be an object"),
+])
+def test_bad_scorer_options_are_refused(tmp_path, lm, options, why):
+    cfg = config(tmp_path, lm, scorers=("kvzip",), profile=None, methods=("full", "uniform"), force_profile=False,
+                 scorer_options=options)
+    with pytest.raises(EvalError, match=why):
+        cfg.validate()

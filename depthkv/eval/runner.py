@@ -89,6 +89,8 @@ class EvalConfig:
     n_recent: int = 16
     min_tokens: int | None = None  # per-layer floor; None: the protected window (n_sink + n_recent)
     task_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # constructor options per scorer name, e.g. {"kvzip_v": {"value_weight": 1.0}}; part of the run's identity
+    scorer_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     dtype: str = "auto"  # the model's dtype; "auto" is filled in from the loaded model by run_eval
     attn: str = "sdpa"
     force_profile: bool = False  # use a profile calibrated with another scorer or setting anyway
@@ -168,6 +170,7 @@ class EvalConfig:
         bad = [s for s in self.scorers if s not in SCORERS]
         if bad:
             raise EvalError(f"unknown scorer(s) {', '.join(bad)}; available: {', '.join(sorted(SCORERS))}")
+        self._check_scorer_options()
         bad = [s for s in self.settings if s not in SETTINGS]
         if bad:
             raise EvalError(f"unknown setting(s) {', '.join(bad)}; available: aware, agnostic")
@@ -206,6 +209,27 @@ class EvalConfig:
         unknown_opts = sorted(set(self.task_options) - set(self.tasks))
         if unknown_opts:
             raise EvalError(f"task options for task(s) not in --tasks: {', '.join(unknown_opts)}")
+
+    def _check_scorer_options(self) -> None:
+        """Options only for listed scorers, and each scorer built with them (its own checks)."""
+        from depthkv.scorers import get_scorer
+
+        unknown = sorted(set(self.scorer_options) - set(self.scorers))
+        if unknown:
+            raise EvalError(f"scorer options for scorer(s) not in --scorers: {', '.join(unknown)}")
+        for name, options in self.scorer_options.items():
+            if not isinstance(options, dict):
+                raise EvalError(f"scorer options of {name} must be an object of options, got {options!r}")
+            try:
+                get_scorer(name, **options)
+            except (TypeError, ValueError) as exc:
+                raise EvalError(f"scorer options of {name}: {exc}") from None
+
+    def scorer(self, name: str):
+        """The scorer ``name`` with this run's options for it (not yet bound to a tokenizer)."""
+        from depthkv.scorers import get_scorer
+
+        return get_scorer(name, **self.scorer_options.get(name, {}))
 
     def _check_profile_use(self) -> None:
         """Every (setting, scorer) of the grid must be how the profile was calibrated (unless forced), and every
@@ -249,6 +273,8 @@ class EvalConfig:
             parts += ["--min-tokens", str(self.min_tokens)]
         if self.task_options:
             parts += ["--task-options", json.dumps(self.task_options, separators=(",", ":"))]
+        if self.scorer_options:
+            parts += ["--scorer-options", json.dumps(self.scorer_options, separators=(",", ":"))]
         if self.dtype != "auto":  # explicit: --dtype auto differs by device, the recorded run must not
             parts += ["--dtype", self.dtype]
         if self.attn != "sdpa":
@@ -268,6 +294,8 @@ class EvalConfig:
         d = self.to_dict()
         for key in ("force_profile", "decode", "decode_batch"):  # change no result: rows record them
             d.pop(key)
+        if not d["scorer_options"]:  # runs without options keep the record they had before options existed
+            d.pop("scorer_options")
         d["profile_sha256"] = sha256_file(self.profile) if self.profile else None
         return d
 
@@ -551,7 +579,9 @@ def _set_up(lm, cfg: EvalConfig, out: str | Path, *, force: bool, write_config: 
         "min_tokens": cfg.floor, "protected_layers": list(cfg.protected_layers), "dtype": cfg.dtype,
         "device": str(model.device),
     }
-    scorers = [get_scorer(s).bind(tok) for s in cfg.scorers] if cfg.pruned_methods else [get_scorer("knorm")]
+    if cfg.scorer_options:
+        common["scorer_options"] = cfg.scorer_options
+    scorers = [cfg.scorer(s).bind(tok) for s in cfg.scorers] if cfg.pruned_methods else [get_scorer("knorm")]
     return _Sweep(
         cfg, lm.name, model, tok, folder, n_layers, view, samples, scorers, Protection(cfg.n_sink, cfg.n_recent),
         token_counter(tok), common, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,

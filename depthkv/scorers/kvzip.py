@@ -26,6 +26,16 @@ As SnapKV (Li et al. 2024, arXiv 2404.14469) smooths its votes with 1-D pooling,
 max-pooled over ``kernel`` neighbouring keys, so a high-scoring token lifts its neighbours. On the calibration
 split of needle, multikey, vartrack and docqa (Qwen2.5-Coder-1.5B, ratios 0.8 / 0.9) it did not help and
 kernel 7 hurt (docs/agnostic.md): the default stays 1.
+
+Optional exclusion of the copying queries (``self_window``, not in the paper). While the context is replayed,
+the query that predicts token ``p`` (it replays token ``p - 1``) copies ``p`` from the cache and pays it near-full
+attention in the copying heads, whatever ``p`` is worth to anything else; so every replayed token scores high
+there and inserted facts rank about at chance (docs/agnostic.md). With ``self_window = w`` the replay queries
+within ``w`` tokens of that copying query (replaying ``p - 1 - w`` to ``p - 1 + w``) are left out of key ``p``'s
+maximum (``self_weight = 0``) or count only that share of their attention: a token then scores by the
+attention it gets from the replay of *other* parts of the context, i.e. how much the rest of the text refers to
+it (and, with a weight above 0, by its own copy among the tokens nothing else refers to). Only the replayed chunk's own tokens are mapped to positions (the
+repeat prompt and the overlap before them are never left out).
 """
 
 from __future__ import annotations
@@ -52,6 +62,9 @@ class KVzip(Scorer):
     ``bind(tokenizer)`` fills them; without a tokenizer give them yourself.
     ``normalise``: ``"context"`` (softmax over every key a replay query sees) or ``"chunk"`` (over the first
     ``sink`` keys, the replayed chunk's own keys and the replayed tokens; the paper's implementation).
+    ``self_window`` (None or >= 0): leave out of each key's maximum the replay queries within this many tokens
+    of the one that copies it (None: every query counts, the paper's scores); ``self_weight`` in [0, 1]: their
+    attention counts this much instead of nothing (1 = the paper's scores).
     ``kernel`` (odd, >= 1): width of a max-pool over neighbouring keys applied to each KV head's scores, so
     that multi-token spans are kept whole (SnapKV's pooling); 1 = the paper's scores. Neighbours are taken in
     the cache's order: the context's token order (in a chunked prefill, keys already pruned are skipped).
@@ -65,6 +78,8 @@ class KVzip(Scorer):
     kernel: int = 1
     normalise: str = "context"
     sink: int = 4
+    self_window: int | None = None
+    self_weight: float = 0.0
     name = "kvzip"
     needs_attention = True
     context_pass = True
@@ -78,6 +93,12 @@ class KVzip(Scorer):
             raise ValueError(f"KVzip normalise must be one of {', '.join(NORMALISATIONS)}, got {self.normalise!r}")
         if isinstance(self.sink, bool) or not isinstance(self.sink, int) or self.sink < 0:
             raise ValueError(f"KVzip needs an integer sink >= 0, got {self.sink!r}")
+        if self.self_window is not None and (isinstance(self.self_window, bool)
+                                             or not isinstance(self.self_window, int) or self.self_window < 0):
+            raise ValueError(f"KVzip needs self_window None or an integer >= 0, got {self.self_window!r}")
+        if isinstance(self.self_weight, bool) or not isinstance(self.self_weight, (int, float)) \
+                or not 0 <= self.self_weight <= 1:
+            raise ValueError(f"KVzip needs a self_weight in [0, 1], got {self.self_weight!r}")
         if self.prompt_ids is not None:
             self.prompt_ids = tuple(int(t) for t in self.prompt_ids)
             self.next_prompt_ids = tuple(int(t) for t in (self.next_prompt_ids or self.prompt_ids))
@@ -105,9 +126,10 @@ class KVzip(Scorer):
             if sub is not None:  # the same keys visible in every head: score the subset, put the scores back
                 x_sub, index = sub
                 scores = torch.zeros(x.key.shape[0], x.key.shape[1], n, dtype=torch.float32, device=x.key.device)
-                scores.scatter_(-1, index, self._max_attention(x_sub, index.shape[-1]))
+                scores.scatter_(-1, index, _max_attention(x_sub, index.shape[-1], None, self.self_window,
+                                                          self.self_weight))
                 return span_max_pool(scores, self.kernel)
-        return span_max_pool(self._max_attention(x, n, visible), self.kernel)
+        return span_max_pool(_max_attention(x, n, visible, self.self_window, self.self_weight), self.kernel)
 
     def _visible(self, x: ScoreInputs) -> torch.Tensor | None:
         """[B, KVH, K] keys in the softmax under ``normalise="chunk"`` (None: no replay span known, all)."""
@@ -119,15 +141,42 @@ class KVzip(Scorer):
         tail = torch.ones(*ctx.shape[:2], x.key.shape[2] - x.n_context, dtype=torch.bool, device=ctx.device)
         return torch.cat([ctx, tail], dim=-1)
 
-    @staticmethod
-    def _max_attention(x: ScoreInputs, n: int, visible: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, KVH, n] largest attention any query of a KV head's group pays to each of the first n keys."""
-        if visible is None and column_kernel.usable(x):  # CUDA: fused Triton kernel, no probability matrix
-            return column_kernel.max_attention_fused(x, n)
-        best = torch.zeros(x.key.shape[0], x.key.shape[1], n, dtype=torch.float32, device=x.key.device)
-        for _, _, probs in attention_blocks(x, visible=visible):
-            best = torch.maximum(best, probs[..., :n].amax(dim=(2, 3)))
-        return best
+
+def _max_attention(x: ScoreInputs, n: int, visible: torch.Tensor | None = None,
+                   self_window: int | None = None, self_weight: float = 0.0) -> torch.Tensor:
+    """[B, KVH, n] largest attention any query of a KV head's group pays to each of the first n keys (each key's
+    copying queries weighted by ``self_weight`` when ``self_window`` is set)."""
+    copying = _copying_queries(x, n, self_window)
+    if visible is None and copying is None and column_kernel.usable(x):  # CUDA: fused Triton kernel
+        return column_kernel.max_attention_fused(x, n)
+    best = torch.zeros(x.key.shape[0], x.key.shape[1], n, dtype=torch.float32, device=x.key.device)
+    for i0, i1, probs in attention_blocks(x, visible=visible):
+        block = probs[..., :n]
+        if copying is not None:
+            near = copying(i0, i1)
+            block = block.masked_fill(near, 0.0) if self_weight == 0 else torch.where(near, block * self_weight, block)
+        best = torch.maximum(best, block.amax(dim=(2, 3)))
+    return best
+
+
+def _copying_queries(x: ScoreInputs, n: int, window: int | None):
+    """None, or a function (i0, i1) -> [B, KVH, 1, i1-i0, n] bool: query i (of this forward) replays a context
+    token within ``window`` positions of the token just before key k (the query that copies k)."""
+    if window is None or x.replay_span is None:
+        return None
+    start, end = x.replay_span
+    n_q = x.query.shape[2]
+    first = n_q - (end - start)  # the replayed chunk's tokens are the forward's last end - start queries
+    if first < 0:
+        raise ValueError(f"replay span {x.replay_span} is longer than the forward's {n_q} queries")
+    before = x.positions[..., :n].to(torch.long) - 1  # [B, KVH, n]: the position whose replay copies key k
+
+    def mask(i0: int, i1: int) -> torch.Tensor:
+        q = torch.arange(i0, i1, device=x.key.device)
+        replayed = torch.where(q >= first, start + q - first, torch.full_like(q, -(1 << 40)))  # prompt: far away
+        return (replayed[None, None, :, None] - before[:, :, None, :]).abs().le(window).unsqueeze(2)
+
+    return mask
 
 
 NORMALISATIONS = ("context", "chunk")
