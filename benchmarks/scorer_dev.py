@@ -123,13 +123,11 @@ def check(args: argparse.Namespace) -> tuple[list, list[str], list[float], list[
 
 def run(args: argparse.Namespace, variants: list, splits: list[str], ratios: list[float],
         tasks: list[str]) -> tuple[dict, list[dict]]:
-    import numpy as np
     import torch
 
     from depthkv.allocation import BudgetSpec
     from depthkv.calibration.refine import masked_kl, prepare_samples
     from depthkv.calibration.run import CalibrationConfig, load_items
-    from depthkv.calibration.stats import paired_diff_ci
     from depthkv.engine import Protection
     from depthkv.models import load_model
     from depthkv.scorers import get_scorer
@@ -144,7 +142,16 @@ def run(args: argparse.Namespace, variants: list, splits: list[str], ratios: lis
     specs = {(s, r): BudgetSpec(r, s.removesuffix("+heads"), None if s.startswith("uniform") else args.profile,
                                 (), protection.size) for s in splits for r in ratios}
     kl: dict = {}  # (task, split, ratio) -> label -> [per-sample KL]
-    per_sample = []
+    per_sample: list[dict] = []
+    argv = sys.argv[1:] if args.argv is None else args.argv
+
+    def meta() -> dict:
+        return {"kind": "depthkv-scorer-dev", "split": "calib", "setting": "agnostic",
+                "metric": "joint KL (masked_kl)", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "command": " ".join(["python", "benchmarks/scorer_dev.py", *argv]), "args": vars(args),
+                "variants": {lb: repr(sc) for lb, sc in zip(labels, scorers, strict=True)},
+                "versions": versions(), "device": str(model.device), "samples": per_sample}
+
     for task in tasks:
         cfg = CalibrationConfig(data=task, samples=args.samples, context_tokens=args.context_tokens,
                                 setting="agnostic", seed=args.seed)
@@ -171,6 +178,17 @@ def run(args: argparse.Namespace, variants: list, splits: list[str], ratios: lis
             per_sample.append(row)
             print(f"[scorer_dev] {task} {item.sample_id}: {row['tokens']} tokens, {row['seconds']:.1f} s",
                   file=sys.stderr, flush=True)
+        if args.out:  # after each task: a run stopped later keeps the tasks it finished
+            write_results(args.out, meta(), summary(kl, labels, args))
+    return meta(), summary(kl, labels, args)
+
+
+def summary(kl: dict, labels: list[str], args: argparse.Namespace) -> list[dict]:
+    """Per (task, split, ratio): mean KL per variant and the paired difference against the first variant."""
+    import numpy as np
+
+    from depthkv.calibration.stats import paired_diff_ci
+
     rows = []
     for (task, split, ratio), cell in kl.items():
         base = np.array(cell[labels[0]])
@@ -181,11 +199,7 @@ def run(args: argparse.Namespace, variants: list, splits: list[str], ratios: lis
             row["diff_vs_first"][label] = {"mean": float(d.estimate), "low": float(d.low), "high": float(d.high),
                                            "better": int((np.array(cell[label]) < base).sum())}
         rows.append(row)
-    meta = {"kind": "depthkv-scorer-dev", "split": "calib", "setting": "agnostic", "metric": "joint KL (masked_kl)",
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "args": vars(args),
-            "variants": {lb: repr(sc) for lb, sc in zip(labels, scorers, strict=True)},
-            "versions": versions(), "device": str(model.device), "samples": per_sample}
-    return meta, rows
+    return rows
 
 
 def table(rows: list[dict], labels: list[str]) -> str:
@@ -213,10 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     except DevError as exc:
         print(f"scorer_dev.py: error: {exc}", file=sys.stderr)
         return 2
+    args.argv = argv
     meta, rows = run(args, variants, splits, ratios, tasks)
     print(table(rows, [v[0] for v in variants]))
     if args.out:
-        meta["command"] = " ".join(["python", "benchmarks/scorer_dev.py", *(argv if argv is not None else sys.argv[1:])])
         write_results(args.out, meta, rows)
         print(f"wrote {args.out}", file=sys.stderr)
     return 0
