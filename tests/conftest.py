@@ -28,7 +28,8 @@ def one_error_line(err: str, start: str = "error: ", skip: tuple[str, ...] = ())
 ARCHS = ("llama", "qwen2")
 # options a scorer needs on tiny models that have no tokenizer (KVzip's repeat prompt, as token ids)
 SCORER_OPTIONS: dict[str, dict] = {"kvzip": {"prompt_ids": (7, 8, 9), "replay_chunk": 40},
-                                   "kvzip_v": {"prompt_ids": (7, 8, 9), "replay_chunk": 40}}
+                                   "kvzip_v": {"prompt_ids": (7, 8, 9), "replay_chunk": 40},
+                                   "kvzip_vc": {"prompt_ids": (7, 8, 9), "replay_chunk": 40}}
 IMPLS = ("sdpa", "eager")
 
 

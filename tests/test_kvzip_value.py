@@ -94,3 +94,27 @@ def test_is_registered_as_query_agnostic():
     s = get_scorer("kvzip_v", value_weight=1.0)
     assert isinstance(s, KVzip) and s.name == "kvzip_v" and s.context_pass and s.whole_context
     assert "kvzip_v" in QUERY_AGNOSTIC
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_kvzip_vc_is_kvzip_v_with_its_copies_weighted_down(tiny_models, arch):
+    """``kvzip_vc`` = ``kvzip_v`` with self_window=1, self_weight=0.3: the same scores as that option set, other
+    scores than plain ``kvzip_v``, and a press that compresses with it end to end."""
+    from depthkv.scorers import QUERY_AGNOSTIC, KVzipValueCopy
+
+    model = tiny_models(arch, "eager")
+    n = 96
+    copy = KVzipValueCopy(prompt_ids=PROMPT, replay_chunk=40)
+    assert (copy.self_window, copy.self_weight, copy.value_weight) == (1, 0.3, 0.5) and copy.whole_context
+    assert "kvzip_vc" in QUERY_AGNOSTIC and get_scorer("kvzip_vc").name == "kvzip_vc"
+    same = KVzipValue(prompt_ids=PROMPT, replay_chunk=40, self_window=1, self_weight=0.3)
+    plain = KVzipValue(prompt_ids=PROMPT, replay_chunk=40)
+    got = score_prefill(model, _ids(n, seed=5), [copy], Protection(2, 4)).scores["kvzip_vc"]
+    want = score_prefill(model, _ids(n, seed=5), [same], Protection(2, 4)).scores["kvzip_v"]
+    other = score_prefill(model, _ids(n, seed=5), [plain], Protection(2, 4)).scores["kvzip_v"]
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+    assert any(not torch.allclose(g, o) for g, o in zip(got, other, strict=True))
+    p = depthkv.press(model, "kvzip_vc", 0.5, prompt_ids=PROMPT, replay_chunk=30, head_budgets=True)
+    comp = p.compress(_ids(80))
+    assert sum(p.budgets.tokens) == 4 * 40 and all(40 <= length < 80 for length in layer_lengths(comp.cache))

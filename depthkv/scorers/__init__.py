@@ -10,6 +10,7 @@ from depthkv.scorers.h2o import H2O
 from depthkv.scorers.h2o_value import H2OValue
 from depthkv.scorers.key_norm import KeyNorm
 from depthkv.scorers.kvzip import KVzip
+from depthkv.scorers.kvzip_copy import KVzipValueCopy
 from depthkv.scorers.kvzip_value import KVzipValue
 from depthkv.scorers.random_scorer import RandomScorer
 from depthkv.scorers.snapkv import SnapKV
@@ -25,11 +26,12 @@ SCORERS: dict[str, Callable[..., Scorer]] = {
     "random": RandomScorer,
     "kvzip": KVzip,
     "kvzip_v": KVzipValue,
+    "kvzip_vc": KVzipValueCopy,
     "expected_attention": ExpectedAttention,
 }
 
 #: scorers that never look at the question: usable for contexts compressed before it is known
-QUERY_AGNOSTIC = ("kvzip", "kvzip_v", "expected_attention", "knorm", "streaming", "random")
+QUERY_AGNOSTIC = ("kvzip", "kvzip_v", "kvzip_vc", "expected_attention", "knorm", "streaming", "random")
 
 
 def get_scorer(name: str | Scorer, **options) -> Scorer:
@@ -44,6 +46,6 @@ def get_scorer(name: str | Scorer, **options) -> Scorer:
 
 
 __all__ = [
-    "QUERY_AGNOSTIC", "SCORERS", "ExpectedAttention", "H2O", "H2OValue", "KVzip", "KVzipValue", "KeyNorm", "RandomScorer",
+    "QUERY_AGNOSTIC", "SCORERS", "ExpectedAttention", "H2O", "H2OValue", "KVzip", "KVzipValue", "KVzipValueCopy", "KeyNorm", "RandomScorer",
     "ScoreInputs", "Scorer", "SnapKV", "StreamingLLM", "attention_blocks", "get_scorer",
 ]
