@@ -69,6 +69,29 @@ class Profile:
         return (self.data.get("scorer") or {}).get("name")
 
     @property
+    def scorer_options(self) -> dict[str, Any]:
+        """The options the scorer was built with at calibration (e.g. ``{"value_weight": 1.0}``; {} if none)."""
+        return dict((self.data.get("scorer") or {}).get("options") or {})
+
+    def options_for(self, scorer_name: str, given: dict[str, Any], force: bool = False) -> dict[str, Any]:
+        """The options a scorer named ``scorer_name`` should be built with under this profile: ``given`` plus the
+        profile's own options for that scorer where ``given`` leaves them out (a profile serves the scorer it was
+        measured with, options included). A key given with another value than the profile's raises
+        ``ProfileError``; with ``force`` (or for another scorer) ``given`` is returned as it is."""
+        if force or scorer_name != self.scorer_name:
+            return dict(given)
+        mine = self.scorer_options
+        clash = {k: (mine[k], v) for k, v in given.items() if k in mine and mine[k] != v}
+        if clash:
+            said = ", ".join(f"{k}={theirs!r} (profile: {ours!r})" for k, (ours, theirs) in clash.items())
+            raise ProfileError(
+                f"the profile was calibrated with scorer {scorer_name!r} built with other options: {said}; "
+                "calibrate one with those options (depthkv calibrate --scorer-options), or force its use "
+                "(--force-profile, force_profile=True)"
+            )
+        return {**mine, **given}
+
+    @property
     def probe_ratios(self) -> tuple[float, ...]:
         return tuple(self.data["probe_ratios"])
 

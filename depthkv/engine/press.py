@@ -132,6 +132,9 @@ class Press:
                 config.profile = Profile.load(config.profile)
             config.profile.check_model(model_identity(model, getattr(model, "name_or_path", "model")))
         config.fill_defaults(split_heads=self.session.tp_group is None)
+        if config.profile is not None and isinstance(config.scorer, str):  # the profile's scorer options too
+            config.scorer_options = config.profile.options_for(config.scorer, config.scorer_options,
+                                                               force=config.force_profile)
         self.scorer = bind_scorer(get_scorer(config.scorer, **config.scorer_options), model, config.tokenizer)
         if config.setting is not None:
             self._check_profile(config.setting)

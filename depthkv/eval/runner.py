@@ -242,6 +242,10 @@ class EvalConfig:
             for setting in self.settings:
                 for scorer in self.scorers:
                     profile.check_use(scorer, setting, force=self.force_profile)
+            for scorer in self.scorers:  # a scorer the profile was calibrated with gets its options too
+                options = profile.options_for(scorer, self.scorer_options.get(scorer, {}), force=self.force_profile)
+                if options:
+                    self.scorer_options = {**self.scorer_options, scorer: options}
             view = profile.view()
             for m in self.pruned_methods:  # refined splits exist per ratio: every ratio of the grid needs one
                 if "refined" in ALLOCATORS[split_method(m)[0]].needs:
