@@ -110,6 +110,9 @@ def add_press_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ratio", type=_ratio, default=0.6, help="share of the context's KV pairs removed, in [0, 1)")
     p.add_argument("--scorer", default=None, choices=sorted(SCORERS),
                    help="in-layer token scorer (default: snapkv for generate, kvzip for compress)")
+    p.add_argument("--scorer-options", default=None,
+                   help='options of the scorer as JSON, in eval\'s form, e.g. \'{"kvzip": {"self_window": 1}}\' '
+                        "(default: the profile's, for the scorer it was calibrated with)")
     p.add_argument("--chunk-size", type=_positive, default=None,
                    help="chunked prefill: prune after every C tokens (paper: 1024); default post-prefill pruning")
     p.add_argument("--budgets", type=Path, default=None,
@@ -230,7 +233,8 @@ def _press_kwargs(args: argparse.Namespace) -> dict:
     from depthkv.allocation import Budgets
 
     kw: dict = dict(scorer=args.scorer, n_sink=args.n_sink, n_recent=args.n_recent,
-                    protected_layers=(0,) if args.protect_first_layer else (), head_budgets=args.head_budgets)
+                    protected_layers=(0,) if args.protect_first_layer else (), head_budgets=args.head_budgets,
+                    **getattr(args, "scorer_kwargs", {}))
     if args.chunk_size is not None:
         check_chunked(args)
         kw.update(mode="chunked", chunk_size=args.chunk_size)
@@ -253,8 +257,10 @@ def check_profile_use(args: argparse.Namespace, setting: str) -> None:
     profile = Profile.load(args.profile) if args.profile is not None and args.budgets is None else None
     if args.scorer is None:  # the profile's own scorer when it was calibrated in this setting
         args.scorer = press_defaults(setting, profile).scorer
+    args.scorer_kwargs = scorer_options_of(args.scorer_options, args.scorer)
     if profile is not None:
         profile.check_use(args.scorer, setting, force=args.force_profile)
+        args.scorer_kwargs = profile.options_for(args.scorer, args.scorer_kwargs, force=args.force_profile)
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
@@ -620,7 +626,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from depthkv.calibration.report import print_summary
     from depthkv.calibration.run import CalibrationConfig, calibrate
     from depthkv.extras import pyplot
-    from depthkv.scorers import get_scorer
 
     try:
         probes = tuple(float(x) for x in args.probe_ratios.split(","))
@@ -632,17 +637,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise SystemExit("error: --samples must be >= 2 (statistics need more than one sample)")
     if args.probe_batch < 1:
         raise SystemExit(f"error: --probe-batch must be >= 1, got {args.probe_batch}")
-    options = parse_scorer_options(args.scorer_options)
-    others = sorted(set(options) - {args.scorer})
-    if others:
-        raise CliError(f"--scorer-options names scorer(s) other than --scorer {args.scorer}: {', '.join(others)}")
-    options = options.get(args.scorer, {})
-    if not isinstance(options, dict):
-        raise CliError(f"--scorer-options: the options of {args.scorer} must be a JSON object, got {options!r}")
-    try:
-        get_scorer(args.scorer, **options)
-    except (TypeError, ValueError) as exc:
-        raise CliError(f"--scorer-options: {exc}") from None
+    options = scorer_options_of(args.scorer_options, args.scorer)
     check_calibration_data(args.data)
     if args.plots:
         pyplot("--plots")  # before the calibration: a missing extra is said at once
@@ -968,6 +963,25 @@ def parse_scorer_options(text: str | None, flag: str = "--scorer-options") -> di
     if not isinstance(d, dict):
         raise CliError(f"{flag} must be a JSON object, got {text!r}")
     return d
+
+
+def scorer_options_of(text: str | None, scorer: str) -> dict:
+    """The options ``--scorer-options`` (eval's per-scorer form) gives the one scorer of a command, checked by
+    building the scorer with them."""
+    from depthkv.scorers import get_scorer
+
+    options = parse_scorer_options(text)
+    others = sorted(set(options) - {scorer})
+    if others:
+        raise CliError(f"--scorer-options names scorer(s) other than --scorer {scorer}: {', '.join(others)}")
+    options = options.get(scorer, {})
+    if not isinstance(options, dict):
+        raise CliError(f"--scorer-options: the options of {scorer} must be a JSON object, got {options!r}")
+    try:
+        get_scorer(scorer, **options)
+    except (TypeError, ValueError) as exc:
+        raise CliError(f"--scorer-options: {exc}") from None
+    return options
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -475,3 +475,29 @@ def test_cli_compress_refuses_what_cannot_prune_chunk_by_chunk(cli, tmp_path, ca
                  "--context-file", str(ctx_file), "--out", str(out)]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == message
     assert not out.exists()
+
+
+def test_cli_compress_passes_scorer_options_to_the_press(cli, tmp_path, capsys, monkeypatch):
+    main, ctx_file, _, calls = cli
+    seen = []
+    real = depthkv.press
+
+    def spy(model, *a, **kw):
+        seen.append(kw)
+        return real(model, *a, **kw)
+
+    monkeypatch.setattr(depthkv, "press", spy)
+    out = tmp_path / "ctx.dkv"
+    opts = '{"kvzip": {"self_window": 1, "self_weight": 0.3}}'
+    assert main(["compress", "--model", "tiny", "--ratio", "0.5", "--scorer", "kvzip", "--scorer-options", opts,
+                 "--n-sink", "2", "--n-recent", "4", "--context-file", str(ctx_file), "--out", str(out)]) == 0
+    assert seen and seen[-1]["self_window"] == 1 and seen[-1]["self_weight"] == 0.3 and out.exists()
+    n_loads = len(calls)
+    bad = tmp_path / "bad.dkv"
+    for options, why in (('{"snapkv": {}}', "other than --scorer kvzip: snapkv"),
+                         ('{"kvzip": {"self_weight": 2}}', "self_weight in [0, 1]")):
+        capsys.readouterr()
+        assert main(["compress", "--model", "tiny", "--scorer", "kvzip", "--scorer-options", options,
+                     "--context-file", str(ctx_file), "--out", str(bad)]) == 2
+        assert why in capsys.readouterr().err.strip().splitlines()[-1]
+    assert len(calls) == n_loads and not bad.exists()  # refused before loading the model
