@@ -968,20 +968,14 @@ def parse_scorer_options(text: str | None, flag: str = "--scorer-options") -> di
 def scorer_options_of(text: str | None, scorer: str) -> dict:
     """The options ``--scorer-options`` (eval's per-scorer form) gives the one scorer of a command, checked by
     building the scorer with them."""
-    from depthkv.scorers import get_scorer
+    from depthkv.scorers import check_scorer_options
 
     options = parse_scorer_options(text)
-    others = sorted(set(options) - {scorer})
-    if others:
-        raise CliError(f"--scorer-options names scorer(s) other than --scorer {scorer}: {', '.join(others)}")
-    options = options.get(scorer, {})
-    if not isinstance(options, dict):
-        raise CliError(f"--scorer-options: the options of {scorer} must be a JSON object, got {options!r}")
     try:
-        get_scorer(scorer, **options)
-    except (TypeError, ValueError) as exc:
+        check_scorer_options(options, [scorer])
+    except ValueError as exc:
         raise CliError(f"--scorer-options: {exc}") from None
-    return options
+    return options.get(scorer, {})
 
 
 def _eval(args: argparse.Namespace) -> int:

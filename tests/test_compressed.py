@@ -494,7 +494,7 @@ def test_cli_compress_passes_scorer_options_to_the_press(cli, tmp_path, capsys, 
     assert seen and seen[-1]["self_window"] == 1 and seen[-1]["self_weight"] == 0.3 and out.exists()
     n_loads = len(calls)
     bad = tmp_path / "bad.dkv"
-    for options, why in (('{"snapkv": {}}', "other than --scorer kvzip: snapkv"),
+    for options, why in (('{"snapkv": {}}', "not used here: snapkv"),
                          ('{"kvzip": {"self_weight": 2}}', "self_weight in [0, 1]")):
         capsys.readouterr()
         assert main(["compress", "--model", "tiny", "--scorer", "kvzip", "--scorer-options", options,

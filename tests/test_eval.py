@@ -462,7 +462,7 @@ def test_scorer_options_reach_the_scorer_rows_and_command(tmp_path, lm):
 
 
 @pytest.mark.parametrize("options,why", [
-    ({"snapkv": {}}, "not in --scorers: snapkv"),
+    ({"snapkv": {}}, "not used here: snapkv"),
     ({"kvzip": {"self_window": -1}}, "self_window"),
     ({"kvzip": {"nope": 1}}, "nope"),
     ({"kvzip": 3}, "must be an object"),

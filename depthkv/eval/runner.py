@@ -212,18 +212,12 @@ class EvalConfig:
 
     def _check_scorer_options(self) -> None:
         """Options only for listed scorers, and each scorer built with them (its own checks)."""
-        from depthkv.scorers import get_scorer
+        from depthkv.scorers import check_scorer_options
 
-        unknown = sorted(set(self.scorer_options) - set(self.scorers))
-        if unknown:
-            raise EvalError(f"scorer options for scorer(s) not in --scorers: {', '.join(unknown)}")
-        for name, options in self.scorer_options.items():
-            if not isinstance(options, dict):
-                raise EvalError(f"scorer options of {name} must be an object of options, got {options!r}")
-            try:
-                get_scorer(name, **options)
-            except (TypeError, ValueError) as exc:
-                raise EvalError(f"scorer options of {name}: {exc}") from None
+        try:
+            check_scorer_options(self.scorer_options, self.scorers)
+        except ValueError as exc:
+            raise EvalError(f"--scorer-options: {exc}") from None
 
     def scorer(self, name: str):
         """The scorer ``name`` with this run's options for it (not yet bound to a tokenizer)."""

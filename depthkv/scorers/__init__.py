@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from depthkv.scorers.base import ScoreInputs, Scorer, attention_blocks
 from depthkv.scorers.expected_attention import ExpectedAttention
@@ -45,7 +45,22 @@ def get_scorer(name: str | Scorer, **options) -> Scorer:
     return factory(**options)
 
 
+def check_scorer_options(options: dict, scorers: Sequence[str]) -> None:
+    """Refuse (``ValueError``) options for a scorer not among ``scorers``, options that are not an object, and
+    options the scorer itself refuses (by building it)."""
+    unknown = sorted(set(options) - set(scorers))
+    if unknown:
+        raise ValueError(f"options for scorer(s) not used here: {', '.join(unknown)} (used: {', '.join(scorers)})")
+    for name, opts in options.items():
+        if not isinstance(opts, dict):
+            raise ValueError(f"the options of {name} must be an object, got {opts!r}")
+        try:
+            get_scorer(name, **opts)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"options of {name}: {exc}") from None
+
+
 __all__ = [
     "QUERY_AGNOSTIC", "SCORERS", "ExpectedAttention", "H2O", "H2OValue", "KVzip", "KVzipValue", "KVzipValueCopy", "KeyNorm", "RandomScorer",
-    "ScoreInputs", "Scorer", "SnapKV", "StreamingLLM", "attention_blocks", "get_scorer",
+    "ScoreInputs", "Scorer", "SnapKV", "StreamingLLM", "attention_blocks", "check_scorer_options", "get_scorer",
 ]
