@@ -103,10 +103,10 @@ def check(args: argparse.Namespace) -> tuple[list, list[str], list[float], list[
         ratios = [float(r) for r in args.ratios.split(",") if r]
         for r in ratios:
             check_ratio(r)
-            if r == 0:
-                raise DevError("--ratios: 0 prunes nothing")
     except (ValueError, BudgetError) as exc:
         raise DevError(f"--ratios: {exc}") from None
+    if 0 in ratios:
+        raise DevError("--ratios: 0 prunes nothing")
     splits = [s for s in args.splits.split(",") if s]
     for split in splits:
         strategy = split.removesuffix("+heads")
