@@ -429,7 +429,7 @@ def test_decoder_choice_follows_the_model_family():
         _decoder("fast", gpt2)
 
 
-def test_scorer_options_reach_the_scorer_rows_and_command(tmp_path, lm):
+def test_scorer_options_reach_the_scorer_rows_and_command(tmp_path, lm, monkeypatch):
     """--scorer-options builds each scorer with its options, is recorded in every row and in the command, and is
     part of the run's identity (a run without options keeps the record it had before)."""
     seen = []
@@ -450,12 +450,8 @@ def test_scorer_options_reach_the_scorer_rows_and_command(tmp_path, lm):
     assert "scorer_options" not in config(tmp_path, lm, profile=None).run_record()
     import depthkv.scorers as scorers_mod
 
-    original = scorers_mod.SCORERS["kvzip"]
-    scorers_mod.SCORERS["kvzip"] = Spy
-    try:
-        res = run_eval(lm, cfg, tmp_path / "run", progress=False)
-    finally:
-        scorers_mod.SCORERS["kvzip"] = original
+    monkeypatch.setitem(scorers_mod.SCORERS, "kvzip", Spy)
+    res = run_eval(lm, cfg, tmp_path / "run", progress=False)
     assert seen and set(seen) == {1}
     pruned = [r for r in res.rows if r["method"] == "uniform"]
     assert pruned and all(r["scorer_options"] == {"kvzip": {"self_window": 1}} for r in pruned)
