@@ -492,6 +492,7 @@ def test_cli_compress_passes_scorer_options_to_the_press(cli, tmp_path, capsys, 
     assert main(["compress", "--model", "tiny", "--ratio", "0.5", "--scorer", "kvzip", "--scorer-options", opts,
                  "--n-sink", "2", "--n-recent", "4", "--context-file", str(ctx_file), "--out", str(out)]) == 0
     assert seen and seen[-1]["self_window"] == 1 and seen[-1]["self_weight"] == 0.3 and out.exists()
+    assert "self_window=1, self_weight=0.3" in read_header(out)["compression"]["scorer_config"]
     n_loads = len(calls)
     bad = tmp_path / "bad.dkv"
     for options, why in (('{"snapkv": {}}', "not used here: snapkv"),

@@ -14,8 +14,8 @@ File layout (``schema_version`` 1), no pickle anywhere:
 * metadata ``depthkv``: a JSON header with ``kind`` ("depthkv-compressed-context"), ``schema_version``,
   ``depthkv_version``, ``created``, ``model`` (``depthkv.models.identity.model_identity``: name, layer count,
   config sha256, ...), ``compression`` (scorer, ratio, strategy, profile sha256, protection, protected
-  layers, mode, chunk size), ``budgets``, ``dtype``, ``context`` (token count, the context text when
-  known), ``layers`` (each layer's scalar facts, from ``depthkv.engine.cache.layer_state``) and
+  layers, mode, chunk size, the scorer with its options), ``budgets``, ``dtype``, ``context`` (token count,
+  the context text when known), ``layers`` (each layer's scalar facts, from ``depthkv.engine.cache.layer_state``) and
   ``tensors_sha256`` (sha256 over every tensor's bytes, so that a corrupt file is refused, not decoded).
 
 Loading checks the file against the model (layer count and config hash must match: a cache made by
@@ -76,6 +76,7 @@ class CompressionSettings:
     mode: str = "post"
     chunk_size: int | None = None
     head_budgets: bool = False
+    scorer_config: str | None = None  # the scorer with every option it was built with (its repr)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "protected_layers": list(self.protected_layers)}

@@ -311,7 +311,8 @@ class Press:
             strategy=c.strategy or getattr(budgets, "strategy", None), profile_sha256=profile_sha256(c.profile),
             n_sink=self.protection.n_sink, n_recent=self.protection.n_recent,
             protected_layers=tuple(int(x) for x in c.protected_layers), mode=c.mode,
-            chunk_size=c.chunk_size if c.mode == "chunked" else None, head_budgets=bool(c.head_budgets))
+            chunk_size=c.chunk_size if c.mode == "chunked" else None, head_budgets=bool(c.head_budgets),
+            scorer_config=repr(self.scorer))
         identity = model_identity(self.model, getattr(self.model, "name_or_path", None) or type(self.model).__name__)
         return CompressedContext(cache, context_ids, logits, budgets, identity, settings)
 
