@@ -248,3 +248,22 @@ def write_results(path: str | Path, meta: dict, rows: list) -> None:
     from depthkv.io import write_json
 
     write_json(path, {"meta": meta, "rows": rows}, indent=1)
+
+
+def check_splits(text: str, profile: str | None, error: type[Exception]) -> list[str]:
+    """``--splits`` (comma-separated allocators, ``+heads`` for per-KV-head budgets) checked before any model work:
+    known allocators, a ``--profile`` file for every split but uniform."""
+    from depthkv.allocation.registry import ALLOCATORS
+
+    splits = [s for s in text.split(",") if s]
+    if not splits:
+        raise error("--splits: give at least one split, e.g. adaptive+heads")
+    for split in splits:
+        strategy = split.removesuffix("+heads")
+        if strategy not in ALLOCATORS:
+            raise error(f"--splits: unknown allocator {strategy!r}")
+        if strategy != "uniform" and profile is None:
+            raise error(f"--splits: {split} needs --profile")
+    if profile is not None and not Path(profile).is_file():
+        raise error(f"--profile: no such file: {profile}")
+    return splits

@@ -26,9 +26,8 @@ import dataclasses
 import sys
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
-from _common import versions, write_results
+from _common import check_splits, versions, write_results
 from keep_rates import fact_spans, token_mask, token_offsets
 
 FACT_TASKS = ("needle", "multikey", "vartrack")
@@ -102,7 +101,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def check(args: argparse.Namespace) -> list[str]:
     """The splits, after refusing bad input before any model work."""
     from depthkv.allocation.budgets import BudgetError, check_ratio
-    from depthkv.allocation.registry import ALLOCATORS
 
     if args.task not in FACT_TASKS:
         raise OracleError(f"--task must be one of {', '.join(FACT_TASKS)} (tasks whose facts are known), "
@@ -117,18 +115,7 @@ def check(args: argparse.Namespace) -> list[str]:
         raise OracleError("--probe-question must not be empty")
     if args.samples < 1:
         raise OracleError(f"--samples must be >= 1, got {args.samples}")
-    splits = [s for s in args.splits.split(",") if s]
-    if not splits:
-        raise OracleError("--splits: give at least one split, e.g. adaptive+heads")
-    for split in splits:
-        strategy = split.removesuffix("+heads")
-        if strategy not in ALLOCATORS:
-            raise OracleError(f"--splits: unknown allocator {strategy!r}")
-        if strategy != "uniform" and args.profile is None:
-            raise OracleError(f"--splits: {split} needs --profile")
-    if args.profile is not None and not Path(args.profile).is_file():
-        raise OracleError(f"--profile: no such file: {args.profile}")
-    return splits
+    return check_splits(args.splits, args.profile, OracleError)
 
 
 def run(args: argparse.Namespace, splits: list[str]) -> tuple[dict, list[dict]]:

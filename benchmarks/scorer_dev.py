@@ -27,9 +27,8 @@ import json
 import sys
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
-from _common import versions, write_results
+from _common import check_splits, versions, write_results
 from fact_oracle import rescored, split_masks
 
 DEFAULT_TASKS = "needle,multikey,vartrack,docqa"
@@ -76,7 +75,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def check(args: argparse.Namespace) -> tuple[list, list[str], list[float], list[str]]:
     """(variants as (label, name, options), splits, ratios, tasks), refusing bad input before any model work."""
     from depthkv.allocation.budgets import BudgetError, check_ratio
-    from depthkv.allocation.registry import ALLOCATORS
     from depthkv.scorers import SCORERS, get_scorer
     from depthkv.tasks import TASKS
 
@@ -107,17 +105,9 @@ def check(args: argparse.Namespace) -> tuple[list, list[str], list[float], list[
         raise DevError(f"--ratios: {exc}") from None
     if 0 in ratios:
         raise DevError("--ratios: 0 prunes nothing")
-    splits = [s for s in args.splits.split(",") if s]
-    for split in splits:
-        strategy = split.removesuffix("+heads")
-        if strategy not in ALLOCATORS:
-            raise DevError(f"--splits: unknown allocator {strategy!r}")
-        if strategy != "uniform" and args.profile is None:
-            raise DevError(f"--splits: {split} needs --profile")
-    if args.profile is not None and not Path(args.profile).is_file():
-        raise DevError(f"--profile: no such file: {args.profile}")
-    if args.samples < 1 or not tasks or not ratios or not splits:
-        raise DevError("give at least one sample, task, ratio and split")
+    splits = check_splits(args.splits, args.profile, DevError)
+    if args.samples < 1 or not tasks or not ratios:
+        raise DevError("give at least one sample, task and ratio")
     return variants, splits, ratios, tasks
 
 

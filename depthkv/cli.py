@@ -939,30 +939,30 @@ def parse_ratios(text: str) -> list[float]:
     return out
 
 
-def parse_task_options(text: str | None) -> dict[str, dict]:
-    """``--task-options '{"needle": {"lengths": [512, 1024]}}'`` (a JSON object of objects)."""
+def parse_json_object(text: str | None, flag: str, example: str) -> dict:
+    """A flag's JSON object (``{}`` when not given); anything else is one CliError line showing ``example``."""
     if not text:
         return {}
     try:
         d = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise CliError(f"--task-options must be a JSON object like '{{\"needle\": {{\"lengths\": [512]}}}}': {exc}") from None
-    if not isinstance(d, dict) or not all(isinstance(v, dict) for v in d.values()):
+        raise CliError(f"{flag} must be a JSON object like '{example}': {exc}") from None
+    if not isinstance(d, dict):
+        raise CliError(f"{flag} must be a JSON object like '{example}', got {text!r}")
+    return d
+
+
+def parse_task_options(text: str | None) -> dict[str, dict]:
+    """``--task-options '{"needle": {"lengths": [512, 1024]}}'`` (a JSON object of objects)."""
+    d = parse_json_object(text, "--task-options", '{"needle": {"lengths": [512]}}')
+    if not all(isinstance(v, dict) for v in d.values()):
         raise CliError("--task-options must map task names to objects of options")
     return d
 
 
-def parse_scorer_options(text: str | None, flag: str = "--scorer-options") -> dict:
-    """A JSON object of scorer options (checked by the scorer itself once it is built)."""
-    if not text:
-        return {}
-    try:
-        d = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise CliError(f"{flag} must be a JSON object: {exc}") from None
-    if not isinstance(d, dict):
-        raise CliError(f"{flag} must be a JSON object, got {text!r}")
-    return d
+def parse_scorer_options(text: str | None) -> dict:
+    """``--scorer-options '{"kvzip": {"self_window": 1}}'`` (checked by each scorer once it is built)."""
+    return parse_json_object(text, "--scorer-options", '{"kvzip": {"self_window": 1}}')
 
 
 def scorer_options_of(text: str | None, scorer: str) -> dict:
