@@ -224,7 +224,7 @@ def check_chunked(args: argparse.Namespace) -> None:
     if args.head_budgets:
         raise SystemExit("error: --head-budgets splits budgets once after the prefill; it cannot be combined with "
                          "--chunk-size")
-    if args.scorer is not None and get_scorer(args.scorer).whole_context:
+    if args.scorer is not None and get_scorer(args.scorer, **getattr(args, "scorer_kwargs", {})).whole_context:
         raise SystemExit(f"error: --scorer {args.scorer} orders the whole context's scores once it is replayed; "
                          "it cannot prune chunk by chunk (drop --chunk-size)")
 

@@ -464,6 +464,9 @@ def test_cli_ask_with_another_tokenizer_is_refused(cli, tmp_path, capsys, monkey
 @pytest.mark.parametrize("extra, message", [
     (["--scorer", "kvzip_v"], "error: --scorer kvzip_v orders the whole context's scores once it is replayed; it "
                               "cannot prune chunk by chunk (drop --chunk-size)"),
+    (["--scorer", "kvzip", "--scorer-options", '{"kvzip": {"consensus": 1}}'],
+     "error: --scorer kvzip orders the whole context's scores once it is replayed; it cannot prune chunk by chunk "
+     "(drop --chunk-size)"),
     (["--scorer", "snapkv", "--head-budgets"], "error: --head-budgets splits budgets once after the prefill; it "
                                                "cannot be combined with --chunk-size"),
 ])

@@ -99,6 +99,8 @@ def reconstruct_scores(
         for layer, scores in enumerate(slot):
             if scores is not None:
                 slot[layer] = scorer.finish(scores, cache.layers[layer].values)
+        if slot:
+            session.scores[scorer.name] = scorer.finish_layers(slot, session.tp_group)
     session.plan = prev_plan
     session.scores = kept
     if context_ids.is_cuda:

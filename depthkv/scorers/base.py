@@ -56,6 +56,12 @@ class Scorer:
         Most scorers have none."""
         return scores
 
+    def finish_layers(self, layers: list[torch.Tensor | None], group=None) -> list[torch.Tensor | None]:
+        """Context-pass scorers: a last step over every layer's finished scores at once (``None``: a layer not
+        scored), e.g. a ranking shared across layers; ``group``: the tensor-parallel process group, if the heads
+        are sharded. Most scorers have none."""
+        return layers
+
     def bind(self, tokenizer) -> Scorer:
         """This scorer, completed with what it needs from the tokenizer (most need nothing)."""
         return self

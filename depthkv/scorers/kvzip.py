@@ -51,6 +51,7 @@ import torch.nn.functional as F
 
 from depthkv.scorers import column_kernel
 from depthkv.scorers.base import ScoreInputs, Scorer, attention_blocks
+from depthkv.scorers.reorder import blend_reorder, consensus
 
 FIRST_PROMPT = "\n\nRepeat the previous context exactly."
 NEXT_PROMPT = "\n\nRepeat the part of the previous context exactly, starting with"
@@ -83,6 +84,7 @@ class KVzip(Scorer):
     sink: int = 4
     self_window: int | None = None
     self_weight: float = 0.0
+    consensus: float = 0.0
     name = "kvzip"
     needs_attention = True
     context_pass = True
@@ -102,9 +104,22 @@ class KVzip(Scorer):
         if isinstance(self.self_weight, bool) or not isinstance(self.self_weight, (int, float)) \
                 or not 0 <= self.self_weight <= 1:
             raise ValueError(f"KVzip needs a self_weight in [0, 1], got {self.self_weight!r}")
+        if isinstance(self.consensus, bool) or not isinstance(self.consensus, (int, float)) or not self.consensus >= 0:
+            raise ValueError(f"KVzip needs a consensus weight >= 0, got {self.consensus!r}")
         if self.prompt_ids is not None:
             self.prompt_ids = tuple(int(t) for t in self.prompt_ids)
             self.next_prompt_ids = tuple(int(t) for t in (self.next_prompt_ids or self.prompt_ids))
+
+    @property
+    def whole_context(self) -> bool:
+        """The consensus ranks every layer's scores of the whole context at once: no chunk-by-chunk pruning."""
+        return self.consensus > 0
+
+    def finish_layers(self, layers: list[torch.Tensor | None], group=None) -> list[torch.Tensor | None]:
+        if self.consensus == 0:
+            return layers
+        shared = consensus(layers, group)
+        return [None if s is None else blend_reorder(s, shared.to(s.device), self.consensus) for s in layers]
 
     @property
     def ready(self) -> bool:

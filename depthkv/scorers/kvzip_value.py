@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from depthkv.scorers.kvzip import KVzip
+from depthkv.scorers.reorder import blend_reorder
 
 
 @dataclass
@@ -48,16 +49,4 @@ class KVzipValue(KVzip):
 def value_reorder(scores: torch.Tensor, values: torch.Tensor, weight: float) -> torch.Tensor:
     """``scores`` [B, KVH, N] permuted within each (sequence, head): the token with the highest
     ``rank(score) + weight * rank(||values||_2)`` gets the highest score, and so on (same multiset per head)."""
-    if weight == 0:
-        return scores
-    blend = _ranks(scores) + weight * _ranks(values.float().norm(dim=-1))
-    order = torch.argsort(blend, dim=-1, stable=True)  # ascending blended rank
-    ascending = torch.sort(scores, dim=-1, stable=True).values
-    out = torch.empty_like(scores)
-    out.scatter_(-1, order, ascending)
-    return out
-
-
-def _ranks(x: torch.Tensor) -> torch.Tensor:
-    """Rank of each entry along the last dim (0 = smallest; ties by position), as float."""
-    return torch.argsort(torch.argsort(x, dim=-1, stable=True), dim=-1, stable=True).to(torch.float32)
+    return blend_reorder(scores, values.float().norm(dim=-1), weight)
