@@ -39,6 +39,16 @@ before them always count in full). On the calibration split (Qwen2.5-Coder-1.5B,
 ``benchmarks/scorer_dev.py``) ``self_window=1, self_weight=0.3`` lowered the answer's joint KL summed over needle,
 multikey, vartrack and docqa from 2.37 to 1.68 and on gsm_inf / multihop from 0.92 to 0.68, while weight 0 raised it
 to 7.7 (a token nothing refers to then scores almost nothing). ``kvzip_vc`` is ``kvzip_v`` with these options.
+
+Optional cross-layer consensus (``consensus = w > 0``, not in the paper). Once every layer is scored, each KV head
+re-orders its tokens by ``rank(own score) + w * rank(consensus)``, where the consensus is the mean over all layers
+and heads of each position's rank percentile, and the tokens take the head's own score values in that order
+(``depthkv.scorers.reorder``): every head keeps its multiset of scores, so the budgets stay, and the heads keep more
+of the same positions, as prompt compression (which drops tokens from every layer at once) does. It needs every
+layer's scores first, so it prunes after the prefill (``mode="post"``). On the calibration split (Qwen2.5-Coder-1.5B,
+4k tokens, ``kvzip_vc`` with ``w`` = 0.5 / 1 / 2 / 8, ``benchmarks/scorer_dev.py``) it raised the answer's joint KL at
+every weight, the more the larger ``w`` (needle, multikey and vartrack at 0.8 and 0.9): the heads' own rankings
+matter more than their agreement. The default stays 0.
 """
 
 from __future__ import annotations
@@ -69,6 +79,7 @@ class KVzip(Scorer):
     ``self_window`` (None or >= 0): leave out of each key's maximum the replay queries within this many tokens
     of the one that copies it (None: every query counts, the paper's scores); ``self_weight`` in [0, 1]: their
     attention counts this much instead of nothing (1 = the paper's scores).
+    ``consensus`` (>= 0): weight of the cross-layer consensus rank in each head's order (0: none, the paper's).
     ``kernel`` (odd, >= 1): width of a max-pool over neighbouring keys applied to each KV head's scores, so
     that multi-token spans are kept whole (SnapKV's pooling); 1 = the paper's scores. Neighbours are taken in
     the cache's order: the context's token order (in a chunked prefill, keys already pruned are skipped).

@@ -15,8 +15,9 @@ docqa, gsm_inf and multihop, ``adaptive`` with per-KV-head budgets, the answer's
 ``kvzip_v``'s 2.02 and KVzip's 2.37; leaving the copying queries out entirely (weight 0) was far worse (5.0 / 7.7),
 since a token nothing refers to then scores almost nothing. Held out (``eval`` split, 40 samples per task, its own
 profile): 0.84 / 0.85 of the full-cache score at ratio 0.8 at 4k / 8k tokens against ``kvzip_v``'s 0.80 / 0.80 and
-KVzip's 0.79 / 0.82, and 0.66 / 0.66 at 0.9 against ``kvzip_v``'s 0.70 / 0.68; on SmolLM2-135M at 1k tokens level
-with KVzip (0.95 / 0.78 against 0.96 / 0.82 at 0.8 / 0.9; docs/agnostic.md).
+KVzip's 0.79 / 0.82, and 0.66 / 0.66 at 0.9 against ``kvzip_v``'s 0.70 / 0.68; at 0.6 (4k) 0.91 against KVzip's 0.95
+and ``kvzip_v``'s 0.87; on SmolLM2-135M at 1k tokens level with KVzip (0.95 / 0.78 against 0.96 / 0.82 at 0.8 / 0.9;
+docs/agnostic.md).
 """
 
 from __future__ import annotations
