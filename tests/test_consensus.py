@@ -98,3 +98,34 @@ def test_press_with_consensus_prunes_after_the_prefill_and_refuses_chunked(tiny_
 def test_value_and_consensus_compose():
     s = KVzipValue(consensus=0.5, value_weight=1.0)
     assert s.whole_context and s.consensus == 0.5
+
+
+def _consensus_worker(rank: int, port: int, layers: list, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:  # each rank holds one of the two KV heads of every layer, as under tensor parallelism
+        torch.save(consensus([s[:, rank:rank + 1] for s in layers], dist.group.WORLD), f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                    reason="torch.distributed with the gloo backend is not available in this build")
+def test_consensus_over_sharded_heads_equals_the_single_process_one(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    g = torch.Generator().manual_seed(7)
+    layers = [torch.rand(1, 2, 30, generator=g) for _ in range(3)]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_consensus_worker, args=(port, layers, str(tmp_path)), nprocs=2, start_method="spawn")
+    want = consensus(layers)
+    for rank in range(2):
+        assert torch.equal(torch.load(tmp_path / f"rank{rank}.pt"), want)

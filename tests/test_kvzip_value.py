@@ -118,3 +118,31 @@ def test_kvzip_vc_is_kvzip_v_with_its_copies_weighted_down(tiny_models, arch):
     p = depthkv.press(model, "kvzip_vc", 0.5, prompt_ids=PROMPT, replay_chunk=30, head_budgets=True)
     comp = p.compress(_ids(80))
     assert sum(p.budgets.tokens) == 4 * 40 and all(40 <= length < 80 for length in layer_lengths(comp.cache))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_scorers_with_the_same_replay_share_it(tiny_models, arch):
+    """``kvzip`` and ``kvzip_v`` (and ``kvzip_vc`` and ``kvzip`` with the same copy options) read the same replay:
+    one prefill scores both with one replay, and the scores equal each scorer's own."""
+    model = tiny_models(arch)
+    ids = _ids(96, seed=2)
+    plain, valued = KVzip(prompt_ids=PROMPT, replay_chunk=40), KVzipValue(prompt_ids=PROMPT, replay_chunk=40)
+    assert plain.replay_key() == valued.replay_key() != KVzip(prompt_ids=PROMPT, replay_chunk=40,
+                                                              self_window=1).replay_key()
+    both = score_prefill(model, ids, [plain, valued], Protection(2, 4))
+    assert both.context_pass.forwards == 3  # ceil(96 / 40) chunks, replayed once
+    for scorer in (plain, valued):
+        alone = score_prefill(model, ids, [scorer], Protection(2, 4))
+        assert alone.context_pass.forwards == 3
+        for a, b in zip(both.scores[scorer.name], alone.scores[scorer.name], strict=True):
+            assert torch.equal(a, b)
+    # a rescoring of the same prefill reuses the replay; other replay options replay again
+    again = both.rescored(model, ids, KVzipValue(prompt_ids=PROMPT, replay_chunk=40, value_weight=2.0))
+    assert again.context_pass.forwards == 0
+    want = score_prefill(model, ids, [KVzipValue(prompt_ids=PROMPT, replay_chunk=40, value_weight=2.0)],
+                         Protection(2, 4)).scores["kvzip_v"]
+    for a, b in zip(again.scores["kvzip_v"], want, strict=True):
+        assert torch.equal(a, b)
+    other = both.rescored(model, ids, KVzip(prompt_ids=PROMPT, replay_chunk=40, self_window=1))
+    assert other.context_pass.forwards == 3
+    assert not any(torch.equal(a, b) for a, b in zip(other.scores["kvzip"], both.scores["kvzip"]) if a is not None)

@@ -75,10 +75,15 @@ def replay_chunks(scorer: Scorer, context_ids: torch.Tensor) -> list[tuple[torch
 @torch.no_grad()
 def reconstruct_scores(
     model: nn.Module, session: Session, cache, context_ids: torch.Tensor, scorers: list[Scorer],
-    protection: Protection | None = None,
+    protection: Protection | None = None, replays: dict | None = None,
 ) -> ContextPassStats:
     """Run every context-pass scorer's replay over ``cache`` (which holds ``context_ids``, possibly pruned);
-    their scores land in ``session.scores`` next to any gathered before (the previous plan's are kept)."""
+    their scores land in ``session.scores`` next to any gathered before (the previous plan's are kept).
+
+    Scorers whose raw scores are the same (equal ``replay_key``, e.g. ``kvzip`` and ``kvzip_v``) share one replay:
+    ``replays`` (``replay_key`` -> raw per-layer scores) remembers each replay of this cache, so a later call given
+    the same dict (``ScoredPrefill.rescored``) reuses it too. Only a scorer with no scores gathered before takes or
+    leaves a shared replay (one that max-accumulates onto earlier scores has raw scores of its own)."""
     from depthkv.engine.runner import forward_with_cache
 
     if context_ids.shape[0] != 1:
@@ -86,15 +91,23 @@ def reconstruct_scores(
     stats = ContextPassStats()
     t0 = time.perf_counter()
     kept, prev_plan = session.scores, session.plan
+    replays = {} if replays is None else replays
     offset = cache.layers[0].get_seq_length() - context_ids.shape[1]  # context tokens cached before these
     for scorer in scorers:
-        for chunk, (start, end) in replay_chunks(scorer, context_ids):
-            session.plan = Plan(kind="reconstruct", scorers=[scorer], protection=protection or prev_plan.protection,
-                                replay_span=(offset + start, offset + end))
-            forward_with_cache(model, chunk, cache)
-            drop_tail(cache, chunk.shape[1])
-            stats.forwards += 1
-            stats.tokens += chunk.shape[1]
+        key = scorer.replay_key() if scorer.name not in session.scores else None
+        if key is not None and key in replays:
+            session.scores[scorer.name] = [None if s is None else s.clone() for s in replays[key]]
+        else:
+            for chunk, (start, end) in replay_chunks(scorer, context_ids):
+                session.plan = Plan(kind="reconstruct", scorers=[scorer],
+                                    protection=protection or prev_plan.protection,
+                                    replay_span=(offset + start, offset + end))
+                forward_with_cache(model, chunk, cache)
+                drop_tail(cache, chunk.shape[1])
+                stats.forwards += 1
+                stats.tokens += chunk.shape[1]
+            if key is not None and scorer.name in session.scores:
+                replays[key] = [None if s is None else s.clone() for s in session.scores[scorer.name]]
         slot = session.scores.get(scorer.name, [])
         for layer, scores in enumerate(slot):
             if scores is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -108,6 +108,9 @@ class ScoredPrefill:
     protection: Protection
     context_pass: object | None = None  # ContextPassStats of the replay scorers (KVzip), if any ran
     n_pad: tuple[int, ...] | None = None  # left padding of each sequence of a padded batch; None: no padding
+    # raw scores of the replays run on this cache (``replay_key`` -> per-layer scores), shared by every
+    # ``rescored`` copy: a scorer whose replay was already run here is only finished, not replayed again
+    replays: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def lengths(self) -> tuple[int, ...]:
@@ -192,7 +195,8 @@ class ScoredPrefill:
                              f"prefill holds, got input ids of shape {tuple(input_ids.shape)}")
         with Session(model) as session:
             session.set_plan(Plan(kind="off", protection=self.protection))
-            stats = reconstruct_scores(model, session, self.cache, input_ids, [scorer], self.protection)
+            stats = reconstruct_scores(model, session, self.cache, input_ids, [scorer], self.protection,
+                                       replays=self.replays)
             scores = {scorer.name: list(session.scores[scorer.name])}
         return dataclasses.replace(self, scores=scores, context_pass=stats)
 
@@ -225,14 +229,15 @@ def score_prefill(
     in_prefill = [s for s in scorers if not s.context_pass]
     replayed = [s for s in scorers if s.context_pass]
     stats = None
+    replays: dict = {}
     with Session(model) as session:
         session.set_plan(Plan(kind="score" if in_prefill else "off", scorers=in_prefill, protection=protection))
         cache = new_cache(model)
         logits = forward_with_cache(model, input_ids, cache, **padded)
         if replayed:
-            stats = reconstruct_scores(model, session, cache, input_ids, replayed, protection)
+            stats = reconstruct_scores(model, session, cache, input_ids, replayed, protection, replays=replays)
         scores = {name: list(slot) for name, slot in session.scores.items()}
-    return ScoredPrefill(cache, scores, logits, input_ids.shape[1], protection, stats, n_pad)
+    return ScoredPrefill(cache, scores, logits, input_ids.shape[1], protection, stats, n_pad, replays)
 
 
 @torch.no_grad()

@@ -56,6 +56,12 @@ class Scorer:
         Most scorers have none."""
         return scores
 
+    def replay_key(self) -> tuple | None:
+        """Context-pass scorers: what their replay's raw scores depend on. Two scorers with the same key get the
+        same raw scores from one replay (only ``finish`` / ``finish_layers`` differ), so the engine replays once
+        for both; None: never shared."""
+        return None
+
     def finish_layers(self, layers: list[torch.Tensor | None], group=None) -> list[torch.Tensor | None]:
         """Context-pass scorers: a last step over every layer's finished scores at once (``None``: a layer not
         scored), e.g. a ranking shared across layers; ``group``: the tensor-parallel process group, if the heads

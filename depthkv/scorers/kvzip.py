@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -120,6 +121,14 @@ class KVzip(Scorer):
         if self.prompt_ids is not None:
             self.prompt_ids = tuple(int(t) for t in self.prompt_ids)
             self.next_prompt_ids = tuple(int(t) for t in (self.next_prompt_ids or self.prompt_ids))
+
+    #: options that act only after the replay (``finish`` / ``finish_layers``): scorers differing only in them
+    #: share one replay
+    finish_options: ClassVar[tuple[str, ...]] = ("consensus",)
+
+    def replay_key(self) -> tuple:
+        return (type(self).score.__qualname__,) + tuple((f.name, getattr(self, f.name)) for f in dataclasses.fields(self)
+                                  if f.name not in self.finish_options)
 
     @property
     def whole_context(self) -> bool:

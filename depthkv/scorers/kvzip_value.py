@@ -35,6 +35,7 @@ class KVzipValue(KVzip):
     value_weight: float = 0.5
     name = "kvzip_v"
     whole_context = True
+    finish_options = ("consensus", "value_weight")
 
     def __post_init__(self) -> None:
         super().__post_init__()

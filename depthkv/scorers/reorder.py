@@ -18,7 +18,11 @@ import torch.distributed as dist
 
 def ranks(x: torch.Tensor) -> torch.Tensor:
     """Rank of each entry along the last dim (0 = smallest; ties by position), as float32."""
-    return torch.argsort(torch.argsort(x, dim=-1, stable=True), dim=-1, stable=True).to(torch.float32)
+    return _int_ranks(x).to(torch.float32)
+
+
+def _int_ranks(x: torch.Tensor) -> torch.Tensor:
+    return torch.argsort(torch.argsort(x, dim=-1, stable=True), dim=-1, stable=True)
 
 
 def blend_reorder(scores: torch.Tensor, signal: torch.Tensor, weight: float) -> torch.Tensor:
@@ -48,12 +52,13 @@ def consensus(layers: Sequence[torch.Tensor | None], group: dist.ProcessGroup | 
     if any(s.shape[-1] != n or s.shape[0] != scored[0].shape[0] for s in scored):
         raise ValueError("consensus needs every layer's scores over the same context tokens")
     device = scored[0].device
-    total = torch.zeros(scored[0].shape[0], 1, n, dtype=torch.float32, device=device)
-    heads = torch.zeros((), dtype=torch.float32, device=device)
+    # integer rank sums: exact whatever the order of the additions, so sharded heads give the very same consensus
+    total = torch.zeros(scored[0].shape[0], 1, n, dtype=torch.int64, device=device)
+    heads = torch.zeros(1, dtype=torch.int64, device=device)
     for s in scored:
-        total += (ranks(s) / max(1, n - 1)).sum(dim=1, keepdim=True).to(device)
+        total += _int_ranks(s).sum(dim=1, keepdim=True).to(device)
         heads += s.shape[1]
     if group is not None:
         dist.all_reduce(total, group=group)
         dist.all_reduce(heads, group=group)
-    return total / heads
+    return total.to(torch.float32) / float(int(heads.item()) * max(1, n - 1))
