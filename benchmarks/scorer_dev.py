@@ -169,8 +169,8 @@ def run(args: argparse.Namespace, variants: list, splits: list[str], ratios: lis
             per_sample.append(row)
             print(f"[scorer_dev] {task} {item.sample_id}: {row['tokens']} tokens, {row['seconds']:.1f} s",
                   file=sys.stderr, flush=True)
-        if args.out:  # after each task: a run stopped later keeps the tasks it finished
-            write_results(args.out, meta(), summary(kl, labels, args))
+            if args.out:  # after each sample: a run stopped later (e.g. by a device time limit) keeps what it did
+                write_results(args.out, meta(), summary(kl, labels, args))
     return meta(), summary(kl, labels, args)
 
 

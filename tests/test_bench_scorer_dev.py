@@ -65,3 +65,27 @@ def test_end_to_end_on_a_tiny_model(bench, tiny_llama_dir, tmp_path, capsys, sin
             assert r["mean"][lb] == pytest.approx(sum(p[lb] for p in per) / 2) and r["mean"][lb] >= -1e-6
         d = r["diff_vs_first"]["kvzip_vc"]
         assert d["mean"] == pytest.approx(r["mean"]["kvzip_vc"] - r["mean"]["kvzip"]) and d["low"] <= d["mean"] <= d["high"]
+
+
+def test_a_run_stopped_mid_task_keeps_the_samples_it_finished(bench, tiny_llama_dir, tmp_path, monkeypatch,
+                                                             single_thread):
+    """The results file is written after every sample: a run cut short (a device time limit) keeps them."""
+    import depthkv.calibration.refine as refine
+
+    out = tmp_path / "dev.json"
+    real, calls = refine.masked_kl, []
+
+    def stop_on_the_third(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(refine, "masked_kl", stop_on_the_third)
+    argv = ["--model", str(tiny_llama_dir), "--tasks", "needle", "--samples", "3", "--context-tokens", "300",
+            "--splits", "uniform", "--ratios", "0.6", "--variant", "kvzip", "--variant", "kvzip_v",
+            "--n-boot", "20", "--out", str(out)]
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(argv)
+    data = json.loads(out.read_text())
+    assert len(data["meta"]["samples"]) == 2 and [r["n"] for r in data["rows"]] == [2]
