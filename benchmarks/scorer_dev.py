@@ -6,9 +6,9 @@ calibration samples only — the evaluation split, which results are reported on
 (``depthkv.calibration.refine.prepare_samples``): one prefill of the context with the first variant's scorer
 and one teacher-forced reference pass of question + answer; every further variant replays that same prefill
 (``ScoredPrefill.rescored``; one that differs from an earlier variant only in what acts after the replay, e.g.
-``value_weight`` or ``consensus``, reuses that replay). For each ratio and split, each variant's own scores give its budgets
-(``BudgetSpec.for_context``, as the engine builds them) and its kept tokens (``+heads``: per-KV-head budgets as
-the engine splits them), and the calibration probe (``masked_kl``: question and answer forced through the kept
+``value_weight`` or ``consensus``, reuses that replay). For each ratio and split, each variant's own scores give
+its budgets (``BudgetSpec.for_context``, as the engine builds them) and its kept tokens (``+heads``: per-KV-head
+budgets as the engine splits them), and the calibration probe (``masked_kl``: question and answer forced through the kept
 keys only) measures the answer's joint KL against the full cache. Lower is better; the table gives each
 variant's mean per task and ratio, the sum over tasks, and the paired difference against the first variant with
 a 95 % percentile-bootstrap CI over samples.

@@ -100,6 +100,9 @@ class KVzip(Scorer):
     name = "kvzip"
     needs_attention = True
     context_pass = True
+    #: options that act only after the replay (``finish`` / ``finish_layers``): scorers differing only in them
+    #: share one replay
+    finish_options: ClassVar[tuple[str, ...]] = ("consensus",)
 
     def __post_init__(self) -> None:
         if self.replay_chunk < 1 or self.overlap < 0:
@@ -122,13 +125,10 @@ class KVzip(Scorer):
             self.prompt_ids = tuple(int(t) for t in self.prompt_ids)
             self.next_prompt_ids = tuple(int(t) for t in (self.next_prompt_ids or self.prompt_ids))
 
-    #: options that act only after the replay (``finish`` / ``finish_layers``): scorers differing only in them
-    #: share one replay
-    finish_options: ClassVar[tuple[str, ...]] = ("consensus",)
-
     def replay_key(self) -> tuple:
-        return (type(self).score.__qualname__,) + tuple((f.name, getattr(self, f.name)) for f in dataclasses.fields(self)
-                                  if f.name not in self.finish_options)
+        options = tuple((f.name, getattr(self, f.name)) for f in dataclasses.fields(self)
+                        if f.name not in self.finish_options)
+        return (type(self).score.__qualname__, *options)
 
     @property
     def whole_context(self) -> bool:
