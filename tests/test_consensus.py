@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import depthkv
 from depthkv.allocation import BudgetSpec
 from depthkv.engine import Protection, score_prefill
-from depthkv.scorers import KVzip, KVzipValue, get_scorer
+from depthkv.scorers import KVzip, get_scorer
 from depthkv.scorers.reorder import blend_reorder, consensus, ranks
 
 PROMPT = (7, 8, 9)
@@ -94,10 +94,6 @@ def test_press_with_consensus_prunes_after_the_prefill_and_refuses_chunked(tiny_
         depthkv.press(model, "kvzip", 0.5, mode="chunked", chunk_size=32, prompt_ids=PROMPT, consensus=1.0)
     depthkv.press(model, "kvzip", 0.5, mode="chunked", chunk_size=32, prompt_ids=PROMPT)  # plain KVzip: chunk-able
 
-
-def test_value_and_consensus_compose():
-    s = KVzipValue(consensus=0.5, value_weight=1.0)
-    assert s.whole_context and s.consensus == 0.5
 
 
 def _consensus_worker(rank: int, port: int, layers: list, out: str) -> None:
