@@ -95,7 +95,6 @@ def test_press_with_consensus_prunes_after_the_prefill_and_refuses_chunked(tiny_
     depthkv.press(model, "kvzip", 0.5, mode="chunked", chunk_size=32, prompt_ids=PROMPT)  # plain KVzip: chunk-able
 
 
-
 def _consensus_worker(rank: int, port: int, layers: list, out: str) -> None:
     import os
 
