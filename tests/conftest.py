@@ -26,10 +26,18 @@ def one_error_line(err: str, start: str = "error: ", skip: tuple[str, ...] = ())
     return lines[0]
 
 ARCHS = ("llama", "qwen2")
+KVZIP_PROMPT = (7, 8, 9)  # a repeat prompt for KVzip-style scorers on tiny models (no tokenizer)
+
+
+def context_ids(n: int, seed: int = 0) -> torch.Tensor:
+    """[1, n] random token ids of a tiny model's vocabulary (seeded)."""
+    return torch.randint(5, 250, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
 # options a scorer needs on tiny models that have no tokenizer (KVzip's repeat prompt, as token ids)
-SCORER_OPTIONS: dict[str, dict] = {"kvzip": {"prompt_ids": (7, 8, 9), "replay_chunk": 40},
-                                   "kvzip_v": {"prompt_ids": (7, 8, 9), "replay_chunk": 40},
-                                   "kvzip_vc": {"prompt_ids": (7, 8, 9), "replay_chunk": 40}}
+SCORER_OPTIONS: dict[str, dict] = {"kvzip": {"prompt_ids": KVZIP_PROMPT, "replay_chunk": 40},
+                                   "kvzip_v": {"prompt_ids": KVZIP_PROMPT, "replay_chunk": 40},
+                                   "kvzip_vc": {"prompt_ids": KVZIP_PROMPT, "replay_chunk": 40}}
 IMPLS = ("sdpa", "eager")
 
 

@@ -12,12 +12,8 @@ from depthkv.allocation import BudgetSpec
 from depthkv.engine import Protection, score_prefill
 from depthkv.scorers import KVzip, get_scorer
 from depthkv.scorers.reorder import blend_reorder, consensus, ranks
-
-PROMPT = (7, 8, 9)
-
-
-def _ids(n: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(5, 250, (1, n), generator=torch.Generator().manual_seed(seed))
+from tests.conftest import KVZIP_PROMPT as PROMPT
+from tests.conftest import context_ids as _ids
 
 
 @settings(max_examples=60, deadline=None)

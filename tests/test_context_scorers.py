@@ -15,12 +15,8 @@ from depthkv.engine.reconstruct import ContextPassError, replay_chunks, replay_i
 from depthkv.scorers import ExpectedAttention, KVzip, ScoreInputs, get_scorer
 from depthkv.scorers.expected_attention import rope_matrix, rotate
 from depthkv.scorers.kvzip import _max_attention, span_max_pool
-
-PROMPT = (7, 8, 9)
-
-
-def _ids(n: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(5, 250, (1, n), generator=torch.Generator().manual_seed(seed))
+from tests.conftest import KVZIP_PROMPT as PROMPT
+from tests.conftest import context_ids as _ids
 
 
 def _reference_kvzip(model, ctx: torch.Tensor, scorer: KVzip) -> list[torch.Tensor]:

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from depthkv.models.tiny import tiny_model
+from depthkv.scorers import get_scorer
 
 WORLD = 2
 PROMPT = torch.arange(3, 80)[None]  # 77 tokens
@@ -104,8 +105,10 @@ def test_two_ranks_generate_the_single_process_tokens(tmp_path):
             assert all(b < n for b in budgets), budgets
             # each rank holds its one KV head at the budgeted length (+ the decoded tokens, the last one unfed)
             assert shapes == [(1, 1, s[2], 16) for s in ref_shapes], (rank, case)
-            # (KVzip prefills and prunes all but the last prompt token, which generate then feeds: one more cached)
-            assert [s[2] for s in shapes] == [b + NEW - (case[0] != "kvzip") for b in budgets], (rank, case)
+            # (a context-pass scorer prefills and prunes all but the last prompt token, which generate then feeds:
+            # one more cached)
+            fed_after = get_scorer(case[0]).context_pass
+            assert [s[2] for s in shapes] == [b + NEW - (not fed_after) for b in budgets], (rank, case)
         assert got["answer"] == single["answer"], rank
         assert "tensor-parallel" in got["head_budgets"] and "tensor-parallel" in got["fast"]
     # the global allocator splits this input unevenly across layers: the gathered scores mattered
