@@ -218,15 +218,15 @@ def check_writable(path: Path | None, flag: str) -> None:
 
 
 def check_chunked(args: argparse.Namespace) -> None:
-    """--chunk-size prunes chunk by chunk: refuse, in one line, what needs the whole context's scores first."""
+    """--chunk-size prunes chunk by chunk: refuse, in one line and before the model loads, what needs the whole
+    context's scores first (the press's own rule, ``chunked_conflict``)."""
+    from depthkv.engine.press import chunked_conflict
     from depthkv.scorers import get_scorer
 
-    if args.head_budgets:
-        raise SystemExit("error: --head-budgets splits budgets once after the prefill; it cannot be combined with "
-                         "--chunk-size")
-    if args.scorer is not None and get_scorer(args.scorer, **getattr(args, "scorer_kwargs", {})).whole_context:
-        raise SystemExit(f"error: --scorer {args.scorer} orders the whole context's scores once it is replayed; "
-                         "it cannot prune chunk by chunk (drop --chunk-size)")
+    scorer = get_scorer(args.scorer, **getattr(args, "scorer_kwargs", {})) if args.scorer is not None else None
+    why = chunked_conflict(scorer, args.head_budgets)
+    if why:
+        raise SystemExit(f"error: --chunk-size prunes chunk by chunk, but {why} (drop --chunk-size)")
 
 
 def _press_kwargs(args: argparse.Namespace) -> dict:

@@ -462,13 +462,13 @@ def test_cli_ask_with_another_tokenizer_is_refused(cli, tmp_path, capsys, monkey
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--scorer", "kvzip_v"], "error: --scorer kvzip_v orders the whole context's scores once it is replayed; it "
-                              "cannot prune chunk by chunk (drop --chunk-size)"),
+    (["--scorer", "kvzip_v"], "error: --chunk-size prunes chunk by chunk, but scorer 'kvzip_v' orders the whole "
+                              "context's scores once it is replayed (drop --chunk-size)"),
     (["--scorer", "kvzip", "--scorer-options", '{"kvzip": {"consensus": 1}}'],
-     "error: --scorer kvzip orders the whole context's scores once it is replayed; it cannot prune chunk by chunk "
-     "(drop --chunk-size)"),
-    (["--scorer", "snapkv", "--head-budgets"], "error: --head-budgets splits budgets once after the prefill; it "
-                                               "cannot be combined with --chunk-size"),
+     "error: --chunk-size prunes chunk by chunk, but scorer 'kvzip' orders the whole context's scores once it is "
+     "replayed (drop --chunk-size)"),
+    (["--scorer", "snapkv", "--head-budgets"], "error: --chunk-size prunes chunk by chunk, but per-head budgets are "
+                                               "split once, over the whole context's scores (drop --chunk-size)"),
 ])
 def test_cli_compress_refuses_what_cannot_prune_chunk_by_chunk(cli, tmp_path, capsys, extra, message):
     main, ctx_file, _, _ = cli

@@ -39,6 +39,19 @@ from depthkv.scorers import Scorer, get_scorer
 MODES = ("post", "chunked")
 
 
+def chunked_conflict(scorer: Scorer | None, head_budgets: bool | None) -> str | None:
+    """Why pruning chunk by chunk (``mode="chunked"``) cannot serve these choices, or None when it can. Per-head
+    budgets are split over the whole context's scores, and a ``whole_context`` scorer (e.g. a KVzip variant that
+    re-orders each head by value norms or a cross-layer consensus) finishes its scores only once every chunk is
+    replayed; chunk by chunk, neither exists when a chunk must be pruned. The one home of this rule: the press and
+    the CLI (which refuses before the model loads) both word their refusal around it."""
+    if head_budgets:
+        return "per-head budgets are split once, over the whole context's scores"
+    if scorer is not None and scorer.whole_context:
+        return f"scorer {scorer.name!r} orders the whole context's scores once it is replayed"
+    return None
+
+
 @dataclass
 class PressConfig:
     """Everything that decides what a press keeps. Give exactly one of ratio, budgets or policy."""
@@ -81,8 +94,8 @@ class PressConfig:
         for p in self.protected_layers:
             if not 0 <= p < n_layers:
                 raise BudgetError(f"protected layer {p} does not exist (model has {n_layers} layers)")
-        if self.head_budgets and self.mode == "chunked":
-            raise ValueError("head_budgets=True prunes once after the prefill: use mode='post', not 'chunked'")
+        if self.mode == "chunked" and (why := chunked_conflict(None, self.head_budgets)):
+            raise ValueError(f"mode='chunked' prunes chunk by chunk, but {why}: use mode='post'")
         if self.setting not in (None, "aware", "agnostic"):
             raise ValueError(f"setting must be 'aware', 'agnostic' or None, got {self.setting!r}")
 
@@ -138,9 +151,8 @@ class Press:
         self.scorer = bind_scorer(get_scorer(config.scorer, **config.scorer_options), model, config.tokenizer)
         if config.setting is not None:
             self._check_profile(config.setting)
-        if self.scorer.whole_context and config.mode == "chunked":
-            raise ValueError(f"scorer {self.scorer.name!r} orders the whole context's scores once it is replayed: "
-                             "use mode='post'")
+        if config.mode == "chunked" and (why := chunked_conflict(self.scorer, config.head_budgets)):
+            raise ValueError(f"mode='chunked' prunes chunk by chunk, but {why}: use mode='post'")
         self.protection = Protection(config.n_sink, config.n_recent)
         self.policy = config.make_policy(self.session.n_layers, self.protection)
         if getattr(self.policy, "needs_scores", False) and config.mode == "chunked":
