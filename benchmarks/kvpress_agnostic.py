@@ -13,7 +13,8 @@ them sample by sample with a depthkv eval folder. Resumable: rows already in ``-
 
 Presses: ``kvzip`` (KVzipPress: scores from context reconstruction, ranked across all layers and heads),
 ``expected_attention`` (ExpectedAttentionPress), ``adakv_ea`` (AdaKVPress around ExpectedAttentionPress:
-head-level budgets), ``snapkv`` (SnapKVPress, window 32, kernel 5). kvpress's KVzip and AdaKV presses mask
+head-level budgets), ``snapkv`` (SnapKVPress, window 32, kernel 5); on request (``--presses``) ``keydiff``
+(KeyDiffPress: keys far from their head's mean key). kvpress's KVzip and AdaKV presses mask
 evicted keys instead of removing them, so their cache keeps its full size: ``kv_kept_share`` reports the
 share of KV pairs left visible.
 """
@@ -27,11 +28,12 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-PRESSES = ("kvzip", "expected_attention", "adakv_ea", "snapkv")
+PRESSES = ("kvzip", "expected_attention", "adakv_ea", "snapkv", "keydiff")
+DEFAULT_PRESSES = PRESSES[:4]
 
 
 def make_press(name: str, ratio: float):
-    from kvpress import AdaKVPress, ExpectedAttentionPress, KVzipPress, SnapKVPress
+    from kvpress import AdaKVPress, ExpectedAttentionPress, KeyDiffPress, KVzipPress, SnapKVPress
 
     if name == "kvzip":
         return KVzipPress(compression_ratio=ratio)
@@ -41,6 +43,8 @@ def make_press(name: str, ratio: float):
         return AdaKVPress(ExpectedAttentionPress(compression_ratio=ratio))
     if name == "snapkv":
         return SnapKVPress(compression_ratio=ratio, window_size=32, kernel_size=5)
+    if name == "keydiff":
+        return KeyDiffPress(compression_ratio=ratio)
     raise ValueError(f"unknown press {name!r}; choose from {', '.join(PRESSES)}")
 
 
@@ -99,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--context-tokens", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ratios", default="0.6,0.8,0.9")
-    ap.add_argument("--presses", default=",".join(PRESSES))
+    ap.add_argument("--presses", default=",".join(DEFAULT_PRESSES))
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
 

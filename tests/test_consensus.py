@@ -76,18 +76,21 @@ def test_scores_are_the_plain_ones_reordered_by_their_consensus(tiny_models, arc
         assert spec.for_context(4, n, scores=a).tokens == spec.for_context(4, n, scores=b).tokens
 
 
-def test_press_with_consensus_prunes_after_the_prefill_and_refuses_chunked(tiny_models):
+@pytest.mark.parametrize("option", ["consensus", "diversity"])
+def test_press_with_a_whole_context_reorder_prunes_after_the_prefill_and_refuses_chunked(tiny_models, option):
+    """KVzip's re-orderings that need the whole context (cross-layer consensus, key distinctiveness): ratio 0 is
+    the full cache token for token, budgets stay exact, and chunk-by-chunk pruning is refused."""
     model = tiny_models("qwen2")
     ctx, question = _ids(80), _ids(6, seed=3)
     ids = torch.cat([ctx, question], dim=1)
     want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
-    full = depthkv.press(model, "kvzip", 0.0, prompt_ids=PROMPT, replay_chunk=30, consensus=1.0)
+    full = depthkv.press(model, "kvzip", 0.0, prompt_ids=PROMPT, replay_chunk=30, **{option: 1.0})
     assert full.answer(full.compress(ctx), question, max_new_tokens=6, do_sample=False).tolist() == want.tolist()
-    p = depthkv.press(model, "kvzip", 0.5, prompt_ids=PROMPT, replay_chunk=30, consensus=1.0, head_budgets=True)
+    p = depthkv.press(model, "kvzip", 0.5, prompt_ids=PROMPT, replay_chunk=30, head_budgets=True, **{option: 1.0})
     p.compress(ctx)
     assert sum(p.budgets.tokens) == 4 * 40
     with pytest.raises(ValueError, match="kvzip.*mode='post'"):
-        depthkv.press(model, "kvzip", 0.5, mode="chunked", chunk_size=32, prompt_ids=PROMPT, consensus=1.0)
+        depthkv.press(model, "kvzip", 0.5, mode="chunked", chunk_size=32, prompt_ids=PROMPT, **{option: 1.0})
     depthkv.press(model, "kvzip", 0.5, mode="chunked", chunk_size=32, prompt_ids=PROMPT)  # plain KVzip: chunk-able
 
 

@@ -197,3 +197,16 @@ def test_adapter_refuses_presses_with_their_own_layer_rule():
         kvi.per_layer_press(PyramidKVPress(), [5, 5], context_len=10)
     with pytest.raises(TypeError, match="ScorerPress"):
         kvi.depthkv_press(object(), ratio=0.5, n_layers=2)
+
+
+def test_keydiff_scores_as_kvpress_keydiffpress_does():
+    """depthkv's ``keydiff`` ranks the keys of each head as kvpress's KeyDiffPress does (same paper, own code)."""
+    pytest.importorskip("kvpress", reason=SKIP_REASON)
+    from kvpress import KeyDiffPress
+
+    from depthkv.scorers.keydiff import key_distinctiveness
+
+    gen = torch.Generator().manual_seed(5)
+    keys, values = torch.randn(2, 3, 50, 16, generator=gen), torch.randn(2, 3, 50, 16, generator=gen)
+    theirs = KeyDiffPress(compression_ratio=0.5).score(None, None, keys, values, None, {})
+    torch.testing.assert_close(key_distinctiveness(keys), theirs.float())

@@ -111,7 +111,7 @@ def reconstruct_scores(
         slot = session.scores.get(scorer.name, [])
         for layer, scores in enumerate(slot):
             if scores is not None:
-                slot[layer] = scorer.finish(scores, cache.layers[layer].values)
+                slot[layer] = scorer.finish(scores, cache.layers[layer].keys, cache.layers[layer].values)
         if slot:
             session.scores[scorer.name] = scorer.finish_layers(slot, session.tp_group)
     session.plan = prev_plan

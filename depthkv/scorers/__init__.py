@@ -9,6 +9,7 @@ from depthkv.scorers.expected_attention import ExpectedAttention
 from depthkv.scorers.h2o import H2O
 from depthkv.scorers.h2o_value import H2OValue
 from depthkv.scorers.key_norm import KeyNorm
+from depthkv.scorers.keydiff import KeyDiff
 from depthkv.scorers.kvzip import KVzip
 from depthkv.scorers.kvzip_copy import KVzipValueCopy
 from depthkv.scorers.kvzip_value import KVzipValue
@@ -23,6 +24,7 @@ SCORERS: dict[str, Callable[..., Scorer]] = {
     "snapkv": SnapKV,
     "streaming": StreamingLLM,
     "knorm": KeyNorm,
+    "keydiff": KeyDiff,
     "random": RandomScorer,
     "kvzip": KVzip,
     "kvzip_v": KVzipValue,
@@ -31,7 +33,7 @@ SCORERS: dict[str, Callable[..., Scorer]] = {
 }
 
 #: scorers that never look at the question: usable for contexts compressed before it is known
-QUERY_AGNOSTIC = ("kvzip", "kvzip_v", "kvzip_vc", "expected_attention", "knorm", "streaming", "random")
+QUERY_AGNOSTIC = ("kvzip", "kvzip_v", "kvzip_vc", "expected_attention", "knorm", "keydiff", "streaming", "random")
 
 
 def get_scorer(name: str | Scorer, **options) -> Scorer:

@@ -50,10 +50,10 @@ class Scorer:
     def score(self, x: ScoreInputs) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def finish(self, scores: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    def finish(self, scores: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Context-pass scorers: a last step over one layer's scores [B, KVH, N], max-accumulated over every
-        replayed chunk, with the layer's cached values [B, KVH, >=N, d] (the first N are the scored keys).
-        Most scorers have none."""
+        replayed chunk, with the layer's cached keys and values [B, KVH, >=N, d] (the first N are the scored
+        tokens). Most scorers have none."""
         return scores
 
     def replay_key(self) -> tuple | None:

@@ -49,6 +49,13 @@ layer's scores first, so it prunes after the prefill (``mode="post"``). On the c
 4k tokens, ``kvzip_vc`` with ``w`` = 0.5 / 1 / 2 / 8, ``benchmarks/scorer_dev.py``) it raised the answer's joint KL at
 every weight, the more the larger ``w`` (needle, multikey and vartrack at 0.8 and 0.9): the heads' own rankings
 matter more than their agreement. The default stays 0.
+
+Optional key distinctiveness (``diversity = w > 0``, not in the paper). Once a layer is replayed, each KV head
+re-orders its tokens by ``rank(own score) + w * rank(-cos(key, the head's mean key))`` (KeyDiff, arXiv 2504.15364;
+``depthkv.scorers.keydiff``), again keeping its multiset of scores, so the budgets stay. Inserted facts rank well
+above chance by that distinctiveness where KVzip ranks them at chance (docs/agnostic.md), so the blend lifts them
+without giving up the replay's order. It needs the whole context's keys, so it prunes after the prefill. The
+default stays 0 until it is measured on the GPU (docs/agnostic.md gives the CPU check).
 """
 
 from __future__ import annotations
@@ -62,6 +69,7 @@ import torch.nn.functional as F
 
 from depthkv.scorers import column_kernel
 from depthkv.scorers.base import ScoreInputs, Scorer, attention_blocks
+from depthkv.scorers.keydiff import key_distinctiveness
 from depthkv.scorers.reorder import blend_reorder, consensus
 
 FIRST_PROMPT = "\n\nRepeat the previous context exactly."
@@ -81,6 +89,7 @@ class KVzip(Scorer):
     of the one that copies it (None: every query counts, the paper's scores); ``self_weight`` in [0, 1]: their
     attention counts this much instead of nothing (1 = the paper's scores).
     ``consensus`` (>= 0): weight of the cross-layer consensus rank in each head's order (0: none, the paper's).
+    ``diversity`` (>= 0): weight of the keys' distinctiveness rank (KeyDiff) in each head's order (0: none).
     ``kernel`` (odd, >= 1): width of a max-pool over neighbouring keys applied to each KV head's scores, so
     that multi-token spans are kept whole (SnapKV's pooling); 1 = the paper's scores. Neighbours are taken in
     the cache's order: the context's token order (in a chunked prefill, keys already pruned are skipped).
@@ -97,12 +106,13 @@ class KVzip(Scorer):
     self_window: int | None = None
     self_weight: float = 0.0
     consensus: float = 0.0
+    diversity: float = 0.0
     name = "kvzip"
     needs_attention = True
     context_pass = True
     #: options that act only after the replay (``finish`` / ``finish_layers``): scorers differing only in them
     #: share one replay
-    finish_options: ClassVar[tuple[str, ...]] = ("consensus",)
+    finish_options: ClassVar[tuple[str, ...]] = ("consensus", "diversity")
 
     def __post_init__(self) -> None:
         if self.replay_chunk < 1 or self.overlap < 0:
@@ -119,8 +129,10 @@ class KVzip(Scorer):
         if isinstance(self.self_weight, bool) or not isinstance(self.self_weight, (int, float)) \
                 or not 0 <= self.self_weight <= 1:
             raise ValueError(f"KVzip needs a self_weight in [0, 1], got {self.self_weight!r}")
-        if isinstance(self.consensus, bool) or not isinstance(self.consensus, (int, float)) or not self.consensus >= 0:
-            raise ValueError(f"KVzip needs a consensus weight >= 0, got {self.consensus!r}")
+        for option in ("consensus", "diversity"):
+            weight = getattr(self, option)
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+                raise ValueError(f"KVzip needs a {option} weight >= 0, got {weight!r}")
         if self.prompt_ids is not None:
             self.prompt_ids = tuple(int(t) for t in self.prompt_ids)
             self.next_prompt_ids = tuple(int(t) for t in (self.next_prompt_ids or self.prompt_ids))
@@ -132,8 +144,14 @@ class KVzip(Scorer):
 
     @property
     def whole_context(self) -> bool:
-        """The consensus ranks every layer's scores of the whole context at once: no chunk-by-chunk pruning."""
-        return self.consensus > 0
+        """The consensus ranks every layer's scores of the whole context at once, the diversity blend ranks a
+        layer's whole context: no chunk-by-chunk pruning."""
+        return self.consensus > 0 or self.diversity > 0
+
+    def finish(self, scores: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        if self.diversity == 0:
+            return scores
+        return blend_reorder(scores, key_distinctiveness(keys[..., : scores.shape[-1], :]), self.diversity)
 
     def finish_layers(self, layers: list[torch.Tensor | None], group=None) -> list[torch.Tensor | None]:
         if self.consensus == 0:
