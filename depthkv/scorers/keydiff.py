@@ -6,9 +6,11 @@ a key far from that direction is one some query must single out. The score of ke
 no attention, no question, no extra pass, so it prunes chunk by chunk and under any attention implementation.
 In a chunked prefill the anchor is taken over the keys the cache holds at that chunk.
 
-Question-independent. On the calibration split (Qwen2.5-Coder-1.5B, ~1k tokens) the facts a task inserts rank
-far above chance by this score (ROC AUC 0.72 over KV heads, against KVzip's 0.49), yet kept alone it loses far
-more than KVzip does: the tokens a head needs besides the facts are not distinctive (docs/agnostic.md).
+Question-independent. On the calibration split (Qwen2.5-Coder-1.5B, ~1k tokens, ``benchmarks/fact_auc.py``)
+vartrack's inserted statements rank far above chance by this score (mean ROC AUC 0.72 over KV heads, against
+KVzip's 0.49), multikey's and needle's sentences near it; kept alone its tokens lose far more than KVzip's do:
+the tokens a head needs besides the facts are not distinctive (docs/agnostic.md). ``KVzip(diversity=w)`` blends
+it into KVzip's order instead.
 """
 
 from __future__ import annotations
