@@ -6,8 +6,8 @@ PY=${PYTHON:-python3}
 # The environment takes ~2.4 GB (torch ~0.75 GB, Triton ~0.9 GB): say so plainly when the disk cannot hold it,
 # instead of pip's "No space left on device" halfway through an install.
 free_mb=$(df -Pm . | awk 'NR==2 {print $4}')
-if [ ! -x .venv/bin/python ] && [ "${free_mb:-0}" -lt 3000 ]; then
-  echo "setup: only ${free_mb} MB free on $(df -P . | awk 'NR==2 {print $6}'); .venv needs about 2.5 GB" >&2
+if [ ! -x .venv/bin/python ] && [ "${free_mb:-0}" -lt 2400 ]; then
+  echo "setup: only ${free_mb} MB free on $(df -P . | awk 'NR==2 {print $6}'); .venv needs about 2.4 GB" >&2
   df -h . /tmp >&2 || true
   exit 1
 fi
