@@ -47,10 +47,11 @@ def test_consensus_refuses_nothing_or_layers_over_other_tokens():
         consensus([torch.rand(1, 2, 5), torch.rand(1, 2, 6)])
 
 
+@pytest.mark.parametrize("option", ["consensus", "diversity"])
 @pytest.mark.parametrize("bad", [-0.5, float("nan"), True, "1"])
-def test_rejects_a_bad_consensus_weight(bad):
-    with pytest.raises(ValueError, match="consensus"):
-        KVzip(consensus=bad)
+def test_rejects_a_bad_reorder_weight(option, bad):
+    with pytest.raises(ValueError, match=f"{option} weight >= 0"):
+        KVzip(**{option: bad})
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
