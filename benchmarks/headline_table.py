@@ -1,8 +1,10 @@
 """Headline tables and plots of ``depthkv eval`` runs: suite-mean retention and paired differences with CIs.
 
 Reads one or more results folders (``depthkv eval`` runs, and ``benchmarks/kvpress_agnostic.py`` runs whose
-``kvpress:<press>`` rows join as one more method on the samples they share), keeps the rows of one setting,
-and writes:
+``kvpress:<press>`` rows join as one more method on the samples they share) and rows files an earlier table
+wrote (``--rows-csv``: each of its runs comes back with the kind, date, model and context length recorded there,
+so committed rows are tabulated again with new runs on the same samples), keeps the rows of one setting, and
+writes:
 
 * ``PREFIX.md``: the full-cache score per task; suite-mean retention per method and ratio, one table per
   scorer; paired differences of every non-baseline method against each baseline; per-task mean scores;
@@ -48,12 +50,13 @@ import gzip
 import io
 import math
 import os
+import re
 import shlex
 import sys
 import tempfile
 import textwrap
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,6 +198,72 @@ def _rkey(ratio: Any) -> float:
 # ------------------------------------------------------------------------------------------------ loading
 
 
+# a rows CSV's provenance line: "model: M (DTYPES), setting S, N context tokens; runs: R (KIND, DATE); ..."
+_MODEL_LINE = re.compile(r"^# model: (?P<model>\S+) \((?P<dtype>[^)]*)\), setting (?P<setting>\S+), "
+                         r"(?P<ctx>\d+|None) context tokens; runs: (?P<runs>.*)$")
+_RUN_ITEM = re.compile(r"^(?P<name>[^\s(]+) \((?P<kind>[^,]+), (?P<created>[^)]+)\)$")
+
+
+def _sources(paths: Iterable[Path]) -> Iterator[tuple[Path, Run, list[dict]]]:
+    """(path, run, rows) for each run: a results folder is one run; a rows CSV written by ``--rows-csv`` holds
+    several, each rebuilt with the kind, date, model and context length its provenance lines record (so
+    committed rows can be tabulated again with new runs, on the same samples)."""
+    for path in paths:
+        if path.is_file() and path.name.endswith((".csv", ".csv.gz")):
+            yield from _csv_runs(path)
+            continue
+        if not path.is_dir():
+            raise InputError(f"{path}: not a folder or a rows CSV")
+        config = read_config(path)
+        if config is None:
+            raise InputError(f"{path}: no config.json (expected a depthkv eval or kvpress_agnostic.py folder)")
+        rows = load_rows(path)
+        if not rows:
+            raise InputError(f"{path}: no rows in results.jsonl")
+        yield path, Run(path, _harness(config), config), rows
+
+
+def _harness(config: dict) -> str:
+    return "kvpress" if "kvpress" in str(config.get("kind", "")) else "depthkv"
+
+
+def _csv_runs(path: Path) -> list[tuple[Path, Run, list[dict]]]:
+    """The runs of a rows CSV (see ``rows_csv``), in the order its provenance line lists them."""
+    try:
+        with (gzip.open(path, "rt") if path.name.endswith(".gz") else open(path)) as fh:
+            text = fh.read()
+    except (OSError, EOFError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read the rows CSV ({exc})") from None
+    header = next((m for line in text.splitlines() if (m := _MODEL_LINE.match(line))), None)
+    if header is None:
+        raise InputError(f"{path}: no '# model: ...; runs: ...' line (expected a CSV written by --rows-csv)")
+    ctx = None if header["ctx"] == "None" else int(header["ctx"])
+    rows_of: dict[str, list[dict]] = defaultdict(list)
+    reader = csv.DictReader(line for line in text.splitlines() if not line.startswith("#"))
+    if tuple(reader.fieldnames or ()) != CSV_FIELDS:
+        raise InputError(f"{path}: columns {reader.fieldnames}, expected {', '.join(CSV_FIELDS)}")
+    for i, r in enumerate(reader, 1):
+        try:
+            row = {**r, "ratio": float(r["ratio"]), "score": float(r["score"]), "scorer": r["scorer"] or None,
+                   "status": "ok"}
+        except ValueError:
+            raise InputError(f"{path}: data row {i} has a ratio or score that is not a number") from None
+        rows_of[r["run"]].append(row)
+    out = []
+    for item in header["runs"].split("; "):
+        m = _RUN_ITEM.match(item)
+        if m is None:
+            raise InputError(f"{path}: cannot read the run {item!r} of its provenance line")
+        created = None if m["created"] == "date not recorded" else m["created"]
+        config = {"kind": m["kind"], "model": header["model"], "context_tokens": ctx, "dtype": header["dtype"],
+                  "created": created, "command": f"rows of {path.name}"}
+        if rows_of.get(m["name"]):
+            out.append((path, Run(path.parent / m["name"], _harness(config), config), rows_of.pop(m["name"])))
+    if rows_of:
+        raise InputError(f"{path}: rows of runs its provenance line does not list: {', '.join(sorted(rows_of))}")
+    return out
+
+
 def load(folders: Iterable[Path], setting: str, *, strict_duplicates: bool = False,
          tasks: Iterable[str] = (), tags: Iterable[tuple[str, str]] = ()) -> Data:
     """Rows of ``setting`` (and of ``tasks``, when given) from every folder; duplicates of an earlier row are
@@ -202,9 +271,6 @@ def load(folders: Iterable[Path], setting: str, *, strict_duplicates: bool = Fal
     only = set(tasks)
     folders = [Path(f) for f in folders]
     tag_of = dict(tags)
-    unknown = sorted(set(tag_of) - {f.name for f in folders})
-    if unknown:
-        raise InputError(f"--tag names {', '.join(unknown)}, which is not among the folders' names")
     runs: list[Run] = []
     scores: dict[tuple[str, str, float], dict[str, float]] = defaultdict(dict)
     first: dict[tuple, tuple[str, dict]] = {}
@@ -212,24 +278,15 @@ def load(folders: Iterable[Path], setting: str, *, strict_duplicates: bool = Fal
     used: list[dict] = []
     skipped: dict[str, int] = {}
     settings_seen: Counter = Counter()
-    for folder in folders:
-        if not folder.is_dir():
-            raise InputError(f"{folder}: not a folder")
-        config = read_config(folder)
-        if config is None:
-            raise InputError(f"{folder}: no config.json (expected a depthkv eval or kvpress_agnostic.py folder)")
-        if folder.name in {r.name for r in runs}:
-            raise InputError(f"{folder}: a folder named {folder.name!r} is given twice (runs are named by folder)")
-        rows = load_rows(folder)
-        if not rows:
-            raise InputError(f"{folder}: no rows in results.jsonl")
-        run = Run(folder, "kvpress" if "kvpress" in str(config.get("kind", "")) else "depthkv", config)
+    for folder, run, rows in _sources(folders):
+        if run.name in {r.name for r in runs}:
+            raise InputError(f"{folder}: a run named {run.name!r} is given twice (runs are named by folder)")
         runs.append(run)
         n_skipped = 0
         for i, row in enumerate(rows, 1):
             missing = [k for k in ROW_KEYS if k not in row]
             if missing:
-                raise InputError(f"{folder}/results.jsonl row {i} lacks {', '.join(missing)}")
+                raise InputError(f"{folder}: row {i} of run {run.name} lacks {', '.join(missing)}")
             settings_seen[row.get("setting")] += 1
             if row.get("setting") != setting or (only and row["task"] not in only):
                 continue
@@ -267,6 +324,9 @@ def load(folders: Iterable[Path], setting: str, *, strict_duplicates: bool = Fal
             scores[key][sid] = score
             used.append({**row, "run": run.name, "_label": lbl})
         skipped[run.name] = n_skipped
+    unknown = sorted(set(tag_of) - {r.name for r in runs})
+    if unknown:
+        raise InputError(f"--tag names {', '.join(unknown)}, which is not among the runs' names")
     absent = sorted(only - {key[0] for key in scores})
     if scores and absent:
         raise InputError(f"--tasks: no scored rows of {', '.join(absent)} in setting {setting!r}")
@@ -802,7 +862,8 @@ def _write_bytes(path: Path, payload: bytes) -> None:
 
 def _parse_args(argv: list[str]) -> tuple[Options, Path, Path | None]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("folders", nargs="+", type=Path, help="results folders (several are merged)")
+    ap.add_argument("folders", nargs="+", type=Path,
+                    help="results folders, or rows CSVs an earlier table wrote with --rows-csv (several are merged)")
     ap.add_argument("--setting", required=True, help="aware or agnostic: the rows' setting to summarise")
     ap.add_argument("--baselines", default="uniform", help="comma-separated baseline methods (default uniform)")
     ap.add_argument("--min-full", type=float, default=0.1,

@@ -232,11 +232,13 @@ def test_kvpress_baselines_pair_with_every_scorer_and_adakv_sits_with_its_scores
 @pytest.mark.parametrize("case, message", [
     ("baseline", "unknown baseline 'pyramid'; methods in the data: optimal, uniform"),
     ("setting", "no scored rows with setting 'agnostic'; settings found: aware (12 rows)"),
-    ("folder", "not a folder"),
+    ("folder", "not a folder or a rows CSV"),
     ("models", "the folders hold different models (other, tiny)"),
     ("prefix", "--out is a prefix without extension"),
-    ("row", "results.jsonl row 13 lacks sample_id, score"),
-    ("twice", "a folder named 'a' is given twice"),
+    ("row", "row 13 of run a lacks sample_id, score"),
+    ("twice", "a run named 'a' is given twice"),
+    ("csv_header", "no '# model: ...; runs: ...' line (expected a CSV written by --rows-csv)"),
+    ("csv_run", "rows of runs its provenance line does not list: ghost"),
     ("tasks", "--tasks: no scored rows of zeta in setting 'aware'"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, case, message):
@@ -261,6 +263,16 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, case, messag
         args.insert(1, folder)
     elif case == "tasks":
         args += ["--tasks", "alpha,zeta"]
+    elif case in ("csv_header", "csv_run"):
+        rows = tmp_path / "rows.csv"
+        assert run([folder, "--setting", "aware", "--out", tmp_path / "t" / "x", "--rows-csv", rows, *N_BOOT]) == 0
+        lines = rows.read_text().splitlines()
+        if case == "csv_header":
+            lines = [line for line in lines if not line.startswith("# model:")]
+        else:
+            lines.append(lines[-1].rsplit(",", 1)[0] + ",ghost")
+        rows.write_text("\n".join(lines) + "\n")
+        args[0] = rows
     if case == "prefix":  # argparse's own usage error
         with pytest.raises(SystemExit) as exc:
             run(args)
@@ -297,7 +309,7 @@ def test_tag_tells_apart_the_same_method_run_under_other_conditions(tmp_path, ca
     capsys.readouterr()
     out3 = tmp_path / "bad" / "x"
     assert run([a, b, "--setting", "aware", "--tag", "nope=floors", "--out", out3, *N_BOOT]) == 2
-    assert capsys.readouterr().err.strip() == "error: --tag names nope, which is not among the folders' names"
+    assert capsys.readouterr().err.strip() == "error: --tag names nope, which is not among the runs' names"
     with pytest.raises(SystemExit) as exc:
         run([a, b, "--setting", "aware", "--tag", "agf=a/b", "--out", out3, *N_BOOT])
     assert exc.value.code == 2
@@ -325,3 +337,38 @@ def test_a_baseline_with_its_scorer_pairs_with_every_scorer(tmp_path, capsys):
     assert run([a, "--setting", "agnostic", "--baselines", "optimal/kvzip", "--out", out2, *N_BOOT]) == 2
     assert capsys.readouterr().err.strip().startswith("error: unknown baseline 'optimal/kvzip'; methods in the data")
     assert not out2.parent.exists()
+
+
+def test_a_rows_csv_stands_for_its_runs(tmp_path):
+    """The rows a table committed (``--rows-csv``) tabulate again, alone or with a new run on the same samples,
+    to the same numbers as the folders they came from: runs, harnesses and tags kept."""
+    dk = write_run(tmp_path / "ag", {
+        "alpha": {"full": [1, 1, 1, 1, 0, 0], "uniform/kvzip": [0, 0, 1, 1, 0, 0],
+                  "optimal/kvzip": [1, 1, 1, 0, 0, 0]},
+        "beta": {"full": [1, 1, 0, 1, 1, 1], "uniform/kvzip": [1, 0, 0, 1, 0, 1],
+                 "optimal/kvzip": [1, 1, 0, 0, 1, 1]},
+    }, setting="agnostic")
+    kp = write_run(tmp_path / "kp", {"alpha": {"full": [1, 1, 0], "kvpress:kvzip": [1, 0, 0]},
+                                     "beta": {"full": [1, 1, 1], "kvpress:kvzip": [0, 1, 1]}},
+                   kind="kvpress-agnostic", setting="agnostic")
+    new = write_run(tmp_path / "new", {"alpha": {"full": [1, 1, 1, 1, 0, 0], "optimal/kvzip": [1, 1, 1, 1, 0, 0]},
+                                       "beta": {"full": [1, 1, 0, 1, 1, 1], "optimal/kvzip": [1, 0, 0, 1, 1, 1]}},
+                    setting="agnostic", created="2026-02-03T00:00:00+00:00")
+    common = ["--setting", "agnostic", "--baselines", "uniform,kvpress:kvzip", "--tag", "new=later", *N_BOOT]
+    rows = tmp_path / "t" / "rows.csv"
+    assert run([dk, kp, "--setting", "agnostic", "--baselines", "uniform", "--out", tmp_path / "t" / "old",
+                "--rows-csv", rows, *N_BOOT]) == 0
+    assert run([dk, kp, new, *common, "--out", tmp_path / "a" / "x"]) == 0
+    assert run([rows, new, *common, "--out", tmp_path / "b" / "x"]) == 0
+    a, b = (json.loads((tmp_path / d / "x.json").read_text()) for d in ("a", "b"))
+    for key in ("suite", "paired", "cells", "common_samples", "harness_agreement"):
+        assert a[key] == b[key], key
+    runs = {r["folder"]: r for r in b["meta"]["runs"]}
+    assert list(runs) == ["ag", "kp", "new"]
+    assert (runs["kp"]["kind"], runs["kp"]["created"]) == ("kvpress-agnostic", None)
+    assert runs["ag"]["created"] == "2026-01-02T03:04:05+00:00" and runs["ag"]["command"] == "rows of rows.csv"
+    assert b["meta"]["context_tokens"] == 64
+    labels = {e["label"] for e in b["suite"]}
+    assert {"optimal@later/kvzip", "optimal/kvzip", "kvpress:kvzip"} <= labels
+    # the same rows twice (the CSV and the folder it came from) are one run given twice
+    assert run([rows, dk, *common[:2], "--out", tmp_path / "c" / "x"]) == 2
