@@ -57,8 +57,12 @@ above chance by that distinctiveness where KVzip ranks them at chance (docs/agno
 without giving up the replay's order. It needs the whole context's keys, so it prunes after the prefill. On the
 calibration split at ~1k tokens (Qwen2.5-Coder-1.5B on 2 CPUs, 6 samples each of needle, multikey, vartrack and
 docqa, ``kvzip_vc`` with ``w`` = 0.5) the answer's joint KL summed over the four fell from 0.27 to 0.23 at ratio 0.8
-and from 1.27 to 0.86 at 0.9, most of it on docqa; too few samples to decide, so the default stays 0 until the
-check at 4k (docs/agnostic.md).
+and from 1.27 to 0.86 at 0.9, most of it on docqa. At 4k on an H200 (12 calibration samples of six families) it
+had the lowest summed KL of the variants tried (2.11 against ``kvzip_vc``'s 2.77), and held out (``eval`` split, 40
+samples per task, own profile, ``adaptive`` with per-KV-head budgets) ``kvzip_vc`` with ``w`` = 0.5 kept 0.84 / 0.89
+of the full-cache score at ratio 0.8 (4k / 8k: level with ``w`` = 0) and 0.77 / 0.80 at 0.9 (+0.10 / +0.12 over
+``w`` = 0; docs/agnostic.md). The default stays 0 so that a profile's recorded options keep their meaning: a
+profile calibrated with ``w`` = 0.5 builds its scorer with it.
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ since a token nothing refers to then scores almost nothing. Held out (``eval`` s
 profile): 0.84 / 0.85 of the full-cache score at ratio 0.8 at 4k / 8k tokens against ``kvzip_v``'s 0.80 / 0.80 and
 KVzip's 0.79 / 0.82, and 0.66 / 0.66 at 0.9 against ``kvzip_v``'s 0.70 / 0.68; at 0.6 (4k) 0.91 against KVzip's 0.95
 and ``kvzip_v``'s 0.87; on SmolLM2-135M at 1k tokens level with KVzip (0.95 / 0.78 against 0.96 / 0.82 at 0.8 / 0.9;
-docs/agnostic.md).
+docs/agnostic.md). With ``diversity=0.5`` (``KVzip``'s key-distinctiveness blend) it keeps 0.84 / 0.89 at 0.8 and
+0.77 / 0.80 at 0.9 (4k / 8k), the best setting measured here at those ratios.
 """
 
 from __future__ import annotations
