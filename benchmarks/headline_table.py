@@ -49,11 +49,9 @@ import csv
 import gzip
 import io
 import math
-import os
 import re
 import shlex
 import sys
-import tempfile
 import textwrap
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
@@ -67,7 +65,7 @@ from retention_table import label
 from depthkv.calibration.stats import bootstrap_ci, paired_diff_ci, stratified_bootstrap_ci
 from depthkv.eval.results import EvalError, load_rows, read_config
 from depthkv.extras import MissingExtraError, pyplot
-from depthkv.io import atomic_write, write_json
+from depthkv.io import atomic_write, write_bytes, write_json
 
 FULL = "full"
 KVPRESS_FULL = "full (kvpress harness)"
@@ -843,23 +841,6 @@ def rows_csv(data: Data, meta: dict) -> str:
     return buf.getvalue()
 
 
-def _write_bytes(path: Path, payload: bytes) -> None:
-    """Write ``payload`` to ``path`` atomically (a temporary file in the same folder, then a rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def _parse_args(argv: list[str]) -> tuple[Options, Path, Path | None]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("folders", nargs="+", type=Path,
@@ -945,10 +926,10 @@ def main(argv: list[str] | None = None) -> int:
     with atomic_write(md_path) as fh:
         fh.write(md)
     write_json(json_path, result)
-    _write_bytes(png_path, suite_png)
-    _write_bytes(tasks_path, tasks_png)
+    write_bytes(png_path, suite_png)
+    write_bytes(tasks_path, tasks_png)
     if csv_payload is not None:
-        _write_bytes(csv_final, csv_payload)
+        write_bytes(csv_final, csv_payload)
         stale = csv_path if csv_final != csv_path else csv_path.with_name(csv_path.name + ".gz")
         with contextlib.suppress(FileNotFoundError):
             stale.unlink()  # the other form of an earlier run would contradict this one

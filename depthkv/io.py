@@ -28,20 +28,20 @@ def cache_root() -> Path:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, *, newline: str | None = None, mode: int = 0o644) -> Iterator[IO[str]]:
-    """A UTF-8 text file that replaces ``path`` when the ``with`` block ends without an exception.
+def atomic_path(path: str | os.PathLike, *, mode: int = 0o644) -> Iterator[Path]:
+    """A temporary file name beside ``path`` for writers that take a name (safetensors, an image library).
 
-    The parent folder is created. On an exception the temporary file is removed and ``path`` keeps its old
-    content (or stays absent). ``newline`` is passed to ``open`` (``""`` for the csv module); ``mode`` is
-    the final file's permission bits (``mkstemp`` creates 0600; results are meant to be shared).
+    When the ``with`` block ends without an exception the file is synced to disk, given the permission bits
+    ``mode`` (``mkstemp`` creates 0600; results are meant to be shared) and renamed over ``path``; on an
+    exception it is removed and ``path`` keeps its old content (or stays absent). The parent folder is created.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline=newline) as fh:
-            yield fh
-            fh.flush()
+        yield Path(tmp)
+        with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
@@ -49,6 +49,27 @@ def atomic_write(path: str | os.PathLike, *, newline: str | None = None, mode: i
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, *, newline: str | None = None, mode: int = 0o644,
+                 binary: bool = False) -> Iterator[IO]:
+    """A UTF-8 text file (``binary``: a bytes file) that replaces ``path`` when the ``with`` block ends without an
+    exception (see :func:`atomic_path`). ``newline`` is passed to ``open`` (``""`` for the csv module)."""
+    with atomic_path(path, mode=mode) as tmp:
+        if binary:
+            with open(tmp, "wb") as fh:
+                yield fh
+        else:
+            with open(tmp, "w", encoding="utf-8", newline=newline) as fh:
+                yield fh
+
+
+def write_bytes(path: str | os.PathLike, payload: bytes) -> Path:
+    """Write ``payload`` to ``path`` atomically; return the path."""
+    with atomic_write(path, binary=True) as fh:
+        fh.write(payload)
+    return Path(path)
 
 
 def write_json(path: str | os.PathLike, data: Any, *, indent: int | None = 2, sort_keys: bool = False) -> Path:

@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -45,6 +43,7 @@ from transformers.cache_utils import DynamicCache
 from depthkv.allocation.budgets import BudgetError, Budgets
 from depthkv.engine.cache import kv_bytes, layer_from_state, layer_state
 from depthkv.engine.tensor_parallel import kv_shards
+from depthkv.io import atomic_path
 from depthkv.models.identity import model_identity
 
 KIND = "depthkv-compressed-context"
@@ -208,18 +207,8 @@ class CompressedContext:
                 tensors[f"layers.{i}.{name}"] = t.detach().to("cpu").contiguous()
         header = self.header()
         header["tensors_sha256"] = _tensors_sha256(tensors)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             save_file(tensors, tmp, metadata={"format": "pt", HEADER_KEY: json.dumps(header)})
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o644)  # mkstemp creates 0600; these files are meant to be shared like any other
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         return path
 
     @classmethod
