@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import platform
 import resource
+import shlex
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -241,6 +243,13 @@ def versions() -> dict[str, Any]:
         except PackageNotFoundError:
             out[name] = None
     return out
+
+
+def command_line(script: str, argv: Sequence[str] | None = None, *, launcher: str = "python") -> str:
+    """The command that made a result, as it is typed again from the repository root (arguments shell-quoted):
+    ``launcher benchmarks/<script's name> ARGS``; ``argv`` None: this process's own arguments."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    return shlex.join([*launcher.split(), f"benchmarks/{Path(script).name}", *args])
 
 
 def write_results(path: str | Path, meta: dict, rows: list) -> None:

@@ -46,6 +46,7 @@ from _common import (
     DEFAULT_PROFILE,
     MIN_TOKENS,
     ROOT,
+    command_line,
     depthkv_view,
     parse_list,
     parse_pairs,
@@ -132,7 +133,7 @@ def run(args: argparse.Namespace) -> tuple[dict, list[dict]]:
                 print(f"  {rows[-1]['shape']:>6} N={n:<7} {strategy:<13} {rows[-1]['ms']:10.2f} ms", flush=True)
     meta = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": "python " + " ".join(sys.argv), "device": args.device,
+        "command": command_line(__file__), "device": args.device,
         "device_name": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
         else f"{platform.machine()}, {platform.processor() or 'cpu'}",
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),

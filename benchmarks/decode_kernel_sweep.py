@@ -47,14 +47,13 @@ import json
 import math
 import os
 import platform
-import shlex
 import sys
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from _common import parse_list, parse_pairs, versions, write_results
+from _common import command_line, parse_list, parse_pairs, versions, write_results
 
 from depthkv.io import atomic_write, write_json
 
@@ -343,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine()
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "command": shlex.join(["python", "benchmarks/decode_kernel_sweep.py", *argv]), **versions(),
+            "command": command_line(__file__, argv), **versions(),
             "triton": triton.__version__, "device": str(dev), "device_name": name,
             "timing": ("median ms of CUDA-graph replays (triton.testing.do_bench_cudagraph, rep "
                        f"{a.rep_ms} ms)" if dev.type == "cuda" else

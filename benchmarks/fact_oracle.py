@@ -27,7 +27,7 @@ import sys
 import time
 from datetime import datetime, timezone
 
-from _common import check_splits, versions, write_results
+from _common import check_splits, command_line, versions, write_results
 from keep_rates import fact_spans, token_mask, token_offsets
 
 FACT_TASKS = ("needle", "multikey", "vartrack")
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     meta, rows = run(args, splits)
     print(table(rows, args.ratio))
     if args.out:
-        meta["command"] = " ".join(["python", "benchmarks/fact_oracle.py", *(argv if argv is not None else sys.argv[1:])])
+        meta["command"] = command_line(__file__, argv)
         write_results(args.out, meta, rows)
         print(f"wrote {args.out}")
     return 0

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import sys
 import time
 from dataclasses import replace
 from datetime import date
@@ -39,6 +38,7 @@ from _common import (
     DEFAULT_PROFILE,
     MIN_TOKENS,
     build_model,
+    command_line,
     copy_bandwidth,
     depthkv_view,
     random_cache,
@@ -275,7 +275,7 @@ def main() -> None:
     add_speedups(rows, variants)
     meta = {"date": date.today().isoformat(), "model": args.model, "device_name": torch.cuda.get_device_name(),
             "torch": torch.__version__, "transformers": __import__("transformers").__version__, "dtype": args.dtype,
-            "command": "python " + " ".join(sys.argv), "copy_bandwidth_bytes_per_s": bandwidth,
+            "command": command_line(__file__), "copy_bandwidth_bytes_per_s": bandwidth,
             "weight_bytes": weight_bytes, "embedding_bytes": embed_bytes,
             "cache": "random K/V tensors of the per-layer budget shapes, built directly (no prefill)",
             "depthkv_budgets": "optimal allocator over SmolLM2-135M KL curves interpolated to this depth",

@@ -50,7 +50,6 @@ import gzip
 import io
 import math
 import re
-import shlex
 import sys
 import textwrap
 from collections import Counter, defaultdict
@@ -60,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import command_line
 from retention_table import label
 
 from depthkv.calibration.stats import bootstrap_ci, paired_diff_ci, stratified_bootstrap_ci
@@ -890,7 +890,7 @@ def _parse_args(argv: list[str]) -> tuple[Options, Path, Path | None]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     opts, out, csv_path = _parse_args(argv)
-    command = "python benchmarks/headline_table.py " + shlex.join(argv)
+    command = command_line(__file__, argv)
     try:
         data = load(opts.folders, opts.setting, strict_duplicates=opts.strict_duplicates, tasks=opts.tasks,
                     tags=opts.tags)

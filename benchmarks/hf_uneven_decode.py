@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from _common import SHAPES, build_model, random_cache
+from _common import SHAPES, build_model, command_line, random_cache
 
 SHAPE = "qwen2.5-1.5b"
 
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.out, {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
                           "torch": torch.__version__, "transformers": transformers.__version__,
                           "context": args.context, "ratio": args.ratio, "steps": args.steps, "shape": {"name": SHAPE, **SHAPES[SHAPE]},
-                          "command": " ".join(sys.argv), "rows": rows})
+                          "command": command_line(__file__, argv), "rows": rows})
     return 0
 
 

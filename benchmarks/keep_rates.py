@@ -24,7 +24,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from _common import versions, write_results
+from _common import command_line, versions, write_results
 
 VARTRACK_STATEMENT = re.compile(r"VAR [A-Z]+ = (?:VAR [A-Z]+|\d+)\.")
 
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['fact_min_layer']:.3f} |")
     if args.out:
         meta = {"kind": "depthkv-keep-rates", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "command": " ".join(["python", "benchmarks/keep_rates.py", *(argv or sys.argv[1:])]),
+                "command": command_line(__file__, argv),
                 "args": vars(args), "versions": versions(), "device": str(model.device), "samples": samples_out}
         write_results(args.out, meta, rows)
         print(f"wrote {args.out}")

@@ -28,6 +28,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from _common import command_line
+
 PRESSES = ("kvzip", "expected_attention", "adakv_ea", "snapkv", "keydiff")
 DEFAULT_PRESSES = PRESSES[:4]
 
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         created = None
     write_json(cfg_path, {"kind": "kvpress-agnostic", **vars(args), "out": str(args.out), "model_name": lm.name,
                           "created": created or datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                          "command": " ".join(["python", "benchmarks/kvpress_agnostic.py", *(argv or sys.argv[1:])])},
+                          "command": command_line(__file__, argv)},
                indent=1)
     t_start = time.perf_counter()
     with ResultsWriter(args.out / "results.jsonl") as writer:

@@ -40,7 +40,7 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-from _common import versions
+from _common import command_line, versions
 
 from depthkv.io import write_json
 
@@ -601,8 +601,7 @@ def main(argv=None) -> int:
     full_kv = next(r for r in methods if r["method"] == "kvpress full cache")
     same = sum(a["output"].strip() == b["output"].strip()
                for a, b in zip(full_dk["per_sample"], full_kv["per_sample"]))
-    cmd = "OMP_NUM_THREADS=1 python benchmarks/kvpress_compare.py" + "".join(
-        f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    cmd = command_line(__file__, argv, launcher="OMP_NUM_THREADS=1 python")
     report = {
         "date": RUN_DATE, "command": cmd,
         "model": "smollm2-135m (HuggingFaceTB/SmolLM2-135M-Instruct, llama, 30 layers, 9 query / 3 KV heads), "

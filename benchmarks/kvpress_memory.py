@@ -39,6 +39,7 @@ from pathlib import Path
 from _common import (
     ROOT,
     build_model,
+    command_line,
     config_label,
     cpu_seconds,
     random_ids,
@@ -213,7 +214,7 @@ def main() -> None:
         return
     if not args.python.exists():
         sys.exit(f"{args.python} not found: bash scripts/kvpress_env.sh")
-    command = "python " + " ".join(sys.argv)
+    command = command_line(__file__)
     rows, commands, cpu_before = [], [], 0.0
     meta = {"date": date.today().isoformat(), "model": args.model, "device": "cpu", "machine": machine(),
             "dtype": args.dtype, "window": args.window, "kernel": args.kernel,

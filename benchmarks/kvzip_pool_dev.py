@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -48,7 +47,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NoReturn
 
-from _common import ROOT
+from _common import ROOT, command_line
 
 DEFAULT_PROFILE = ROOT / "docs" / "results" / "qwen_gpu_4k" / "profile_kvzip_agnostic.json"
 DEFAULT_OUT = ROOT / "docs" / "results" / "kvzip_pool_dev" / "kvzip_pool_dev.json"
@@ -406,7 +405,7 @@ def run(cfg: DevConfig, argv: Sequence[str]) -> dict[str, Any]:
     profile_data = profile.data.get("data") or {}
     doc = {
         "kind": "depthkv-kvzip-pool-dev",
-        "command": shlex.join(["python", "benchmarks/kvzip_pool_dev.py", *argv]),
+        "command": command_line(__file__, argv),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "package_version": depthkv.__version__,
         "model": identity,

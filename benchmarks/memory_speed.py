@@ -38,6 +38,7 @@ from _common import (
     DEFAULT_PROFILE,
     MIN_TOKENS,
     build_model,
+    command_line,
     copy_bandwidth,
     cpu_seconds,
     depthkv_view,
@@ -222,7 +223,7 @@ def main() -> None:
         old = json.loads(args.out.read_text())
         rows = old["rows"]
         commands = old["meta"].get("commands") or [old["meta"]["command"]]
-    command = "python " + " ".join(sys.argv)
+    command = command_line(__file__)
     model = build_model(args.model, args.device, dtype) if args.device != "cpu" else None
     bandwidth = copy_bandwidth(args.device) if args.device.startswith("cuda") else None
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) if model is not None else None

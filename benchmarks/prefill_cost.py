@@ -19,7 +19,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-from _common import rss_mark, status_mb, write_results
+from _common import command_line, rss_mark, status_mb, write_results
 
 CONFIGS = [  # (name, mode, scorer)
     ("full", "full", None),
@@ -125,7 +125,7 @@ def main() -> None:
                       f"RSS +{row['rss_prefill_mb']:.0f} MB", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
-            "cores": __import__("os").cpu_count(), "command": " ".join(sys.argv), "ratio": args.ratio,
+            "cores": __import__("os").cpu_count(), "command": command_line(__file__), "ratio": args.ratio,
             "chunk_size": args.chunk_size, "dtype": args.dtype, "data": "random token ids (seed 0)"}
     write_results(args.out, meta, rows)
     print(f"wrote {args.out}")

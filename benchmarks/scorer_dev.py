@@ -29,7 +29,7 @@ import sys
 import time
 from datetime import datetime, timezone
 
-from _common import check_splits, versions, write_results
+from _common import check_splits, command_line, versions, write_results
 from fact_oracle import rescored, split_masks
 
 DEFAULT_TASKS = "needle,multikey,vartrack,docqa"
@@ -139,7 +139,7 @@ def run(args: argparse.Namespace, variants: list, splits: list[str], ratios: lis
     def meta() -> dict:
         return {"kind": "depthkv-scorer-dev", "split": "calib", "setting": "agnostic",
                 "metric": "joint KL (masked_kl)", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "command": " ".join(["python", "benchmarks/scorer_dev.py", *argv]), "args": vars(args),
+                "command": command_line(__file__, argv), "args": vars(args),
                 "variants": {lb: repr(sc) for lb, sc in zip(labels, scorers, strict=True)},
                 "versions": versions(), "device": str(model.device), "samples": per_sample}
 

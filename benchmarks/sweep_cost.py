@@ -27,13 +27,12 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from datetime import date
 from pathlib import Path
 
-from _common import ROOT, cpu_seconds
+from _common import ROOT, command_line, cpu_seconds
 
 from depthkv.io import write_json
 
@@ -162,7 +161,7 @@ def main() -> None:
     cells = len(samples) * len(methods) * len(ratios)
     result = {
         "meta": {
-            "date": date.today().isoformat(), "command": "python " + " ".join(sys.argv),
+            "date": date.today().isoformat(), "command": command_line(__file__),
             "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}", "cpu_count": os.cpu_count(),
             "threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "load_average_at_end": [round(x, 2) for x in os.getloadavg()], "torch": torch.__version__,

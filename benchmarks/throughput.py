@@ -43,7 +43,6 @@ import csv
 import gc
 import math
 import platform
-import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -51,7 +50,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from _common import DEFAULT_PROFILE, SHAPES, build_model, depthkv_view, parse_list, versions, write_results
+from _common import (
+    DEFAULT_PROFILE,
+    SHAPES,
+    build_model,
+    command_line,
+    depthkv_view,
+    parse_list,
+    versions,
+    write_results,
+)
 
 from depthkv.io import atomic_write
 
@@ -618,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
         if s.key in done:
             print(f"skip (in results): N={s.context} ratio={s.ratio} {s.budgets} {s.path}", file=sys.stderr)
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    command = shlex.join(["python", "benchmarks/throughput.py", *argv])
+    command = command_line(__file__, argv)
     meta = {**(meta_old or {}), "settings": settings, "date": now, "command": command, **versions(),
             "runs": [*(meta_old or {}).get("runs", []), {"date": now, "command": command}],
             "bandwidth_gbs": a.bandwidth_gbs, "kernel": (kernel or get_default_config()).to_dict(),

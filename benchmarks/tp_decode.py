@@ -53,7 +53,17 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from _common import MIN_TOKENS, SHAPES, build_model, random_ids, rss_fields, rss_mark, versions, write_results
+from _common import (
+    MIN_TOKENS,
+    SHAPES,
+    build_model,
+    command_line,
+    random_ids,
+    rss_fields,
+    rss_mark,
+    versions,
+    write_results,
+)
 
 GIB = 1024**3
 CSV_FIELDS = ("shape", "context", "ratio", "scorer", "strategy", "mode", "world_size", "kv_heads_per_rank",
@@ -540,7 +550,7 @@ def run(cfg: BenchConfig, rank: int, device) -> int:
     dtype = getattr(torch, cfg.dtype)
     rows: list[dict] = []
     meta: dict[str, Any] = {
-        "date": date.today().isoformat(), "command": f"torchrun --nproc-per-node {dist.get_world_size()} " + " ".join(sys.argv),
+        "date": date.today().isoformat(), "command": command_line(__file__, launcher=f"torchrun --nproc-per-node {dist.get_world_size()}"),
         "world_size": dist.get_world_size(), "backend": dist.get_backend(), "device": cfg.device,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": cfg.dtype, "scorer": cfg.scorer, "strategy": cfg.strategy or "uniform", "mode": cfg.mode,
