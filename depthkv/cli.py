@@ -663,6 +663,41 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _question_queries_args(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    p.add_argument("--data", default="mix",
+                   help="calibration data: 'mix', a task name, or a JSONL file of {context, question, answer} rows")
+    p.add_argument("--samples", type=_positive, default=32)
+    p.add_argument("--context-tokens", type=_positive, default=1024)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True, help="question-queries file to write (safetensors)")
+
+
+@command("question-queries", _question_queries_args,
+         "depthkv question-queries --model qwen2.5-coder-1.5b --samples 32 --context-tokens 4096 --out q.safetensors")
+def cmd_question_queries(args: argparse.Namespace) -> int:
+    """Record where calibration questions look (mean pre-RoPE query per layer and head), for KVzip's
+    question_weight option."""
+    from depthkv.calibration.queries import record_question_queries
+    from depthkv.calibration.run import CalibrationConfig, load_items
+
+    check_calibration_data(args.data)
+    lm = load(args)
+    cfg = CalibrationConfig(data=args.data, samples=args.samples, context_tokens=args.context_tokens,
+                            setting="agnostic", seed=args.seed)
+    try:
+        items, data = load_items(lm.tokenizer, cfg, next(lm.model.parameters()).device)
+    except ValueError as exc:  # data that cannot make samples of this size: one line
+        raise CliError(str(exc)) from None
+    meta = {"model": lm.identity, "data": {k: data[k] for k in ("description", "sha256",
+                                                                                       "n_samples", "tasks")}}
+    queries = record_question_queries(lm.model, items, meta)
+    queries.save(args.out)
+    print(f"question queries ({len(items)} samples, {tuple(queries.table.shape)} layers x heads x dim) written to "
+          f"{args.out}")
+    return 0
+
+
 def _ratio_list(text: str, flag: str) -> tuple[float, ...]:
     """Comma-separated pruning ratios, each in (0, 1) and listed once (BudgetError or CliError otherwise)."""
     from depthkv.calibration.refine import check_ratios
@@ -1177,13 +1212,14 @@ def main(argv: list[str] | None = None) -> int:
     from depthkv.engine.compressed import CompressedContextError
     from depthkv.extras import MissingExtraError
     from depthkv.models.errors import DepthKVModelError
+    from depthkv.scorers.question_prior import QuestionQueriesError
 
     args = build_parser().parse_args(argv)
     try:
         resolve_device_args(args)  # a bad --device/--dtype fails here, before any loading work
         return args.func(args)
     except (BudgetError, AllocatorError, ProfileError, DepthKVModelError, FileNotFoundError,
-            NotImplementedError, CompressedContextError, CliError, MissingExtraError) as exc:
+            NotImplementedError, CompressedContextError, CliError, MissingExtraError, QuestionQueriesError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except SystemExit as exc:  # raise SystemExit("error: ...") in a command: bad input, one line, code 2

@@ -7,7 +7,9 @@ allocators' input, and it imports nothing above ``depthkv.allocation``.
 Schema (``schema_version`` 1), top-level keys:
   schema_version, kind="depthkv-profile", created (ISO time), package_version, seed
   model: {name, model_type, n_layers, n_heads, n_kv_heads, head_dim, config_sha256}
-  scorer: {name, options}; protection: {n_sink, n_recent}
+  scorer: {name, options}; protection: {n_sink, n_recent}. Options that name a file (``FILE_OPTIONS``: KVzip's
+    question queries) are written relative to the profile's folder and read back as absolute paths, so a
+    profile and its files move together.
   setting: "aware" (question inside the pruned prefill) | "agnostic" (context pruned before the question is
     known); files written before this field existed read as "aware". ``check_use`` refuses a profile used
     with another scorer or setting than it was calibrated in.
@@ -29,6 +31,7 @@ A profile made for another model (different config hash or layer count) is refus
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +44,8 @@ from depthkv.io import write_json
 SCHEMA_VERSION = 1
 KIND = "depthkv-profile"
 SETTINGS = ("aware", "agnostic")
+#: scorer options whose value is a file path (see the schema note above)
+FILE_OPTIONS = ("question_queries",)
 
 
 class ProfileError(ValueError):
@@ -81,6 +86,7 @@ class Profile:
         if force or scorer_name != self.scorer_name:
             return dict(given)
         mine = self.scorer_options
+        given = _with_paths(given, lambda p: str(Path(p).resolve()))
         clash = {k: (mine[k], v) for k, v in given.items() if k in mine and mine[k] != v}
         if clash:
             said = ", ".join(f"{k}={theirs!r} (profile: {ours!r})" for k, (ours, theirs) in clash.items())
@@ -152,8 +158,15 @@ class Profile:
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | Path) -> None:
-        """Write atomically: a crash never leaves a half-written profile behind."""
-        write_json(path, self.data, indent=1)
+        """Write atomically: a crash never leaves a half-written profile behind. File options are written
+        relative to ``path``'s folder."""
+        folder = Path(path).resolve().parent
+        data = self.data
+        if (data.get("scorer") or {}).get("options"):
+            options = _with_paths(data["scorer"]["options"],
+                                  lambda p: os.path.relpath(Path(p).resolve(), folder))
+            data = {**data, "scorer": {**data["scorer"], "options": options}}
+        write_json(path, data, indent=1)
 
     @classmethod
     def load(cls, path: str | Path, identity: dict[str, Any] | None = None) -> Profile:
@@ -171,7 +184,15 @@ class Profile:
                 raise ProfileError(f"{path} lacks the field {key!r}")
         if data.get("setting", "aware") not in SETTINGS:
             raise ProfileError(f"{path} has setting {data.get('setting')!r}; expected one of: {', '.join(SETTINGS)}")
+        if isinstance(data.get("scorer"), dict) and isinstance(data["scorer"].get("options"), dict):
+            folder = Path(path).resolve().parent
+            data["scorer"]["options"] = _with_paths(data["scorer"]["options"], lambda p: str((folder / p).resolve()))
         prof = cls(data)
         if identity is not None:
             prof.check_model(identity)
         return prof
+
+
+def _with_paths(options: dict[str, Any], convert) -> dict[str, Any]:
+    """``options`` with each string value of a ``FILE_OPTIONS`` key passed through ``convert``."""
+    return {k: convert(v) if k in FILE_OPTIONS and isinstance(v, str) else v for k, v in options.items()}

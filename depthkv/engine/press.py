@@ -353,11 +353,15 @@ class Press:
 
 
 def bind_scorer(scorer: Scorer, model: nn.Module, tokenizer=None) -> Scorer:
-    """``scorer`` completed with the model's tokenizer where it needs one (KVzip's repeat prompt).
+    """``scorer`` completed with the model's tokenizer where it needs one (KVzip's repeat prompt), after checking
+    that data the scorer carries (KVzip's question queries) was made for ``model``.
 
     Without ``tokenizer`` the one saved next to the model's weights is tried (no download); a scorer that
     still lacks its prompt then fails with a clear error when it is first used.
     """
+    from depthkv.models.identity import model_identity
+
+    scorer.check_model(model_identity(model, getattr(model, "name_or_path", None) or "this model"))
     if not scorer.context_pass or getattr(scorer, "ready", True):
         return scorer
     if tokenizer is None:

@@ -111,7 +111,9 @@ def reconstruct_scores(
         slot = session.scores.get(scorer.name, [])
         for layer, scores in enumerate(slot):
             if scores is not None:
-                slot[layer] = scorer.finish(scores, cache.layers[layer].keys, cache.layers[layer].values)
+                slot[layer] = scorer.finish(scores, cache.layers[layer].keys, cache.layers[layer].values,
+                                            layer_idx=layer, inv_freq=session.inv_freq,
+                                            position=offset + context_ids.shape[1], group=session.tp_group)
         if slot:
             session.scores[scorer.name] = scorer.finish_layers(slot, session.tp_group)
     session.plan = prev_plan

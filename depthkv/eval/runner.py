@@ -580,6 +580,8 @@ def _set_up(lm, cfg: EvalConfig, out: str | Path, *, force: bool, write_config: 
     if cfg.scorer_options:
         common["scorer_options"] = cfg.scorer_options
     scorers = [cfg.scorer(s).bind(tok) for s in cfg.scorers] if cfg.pruned_methods else [get_scorer("knorm")]
+    for scorer in scorers:  # data a scorer carries (KVzip's question queries) must be this model's
+        scorer.check_model(identity)
     return _Sweep(
         cfg, lm.name, model, tok, folder, n_layers, view, samples, scorers, Protection(cfg.n_sink, cfg.n_recent),
         token_counter(tok), common, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,

@@ -50,10 +50,13 @@ class Scorer:
     def score(self, x: ScoreInputs) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def finish(self, scores: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    def finish(self, scores: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *,
+               layer_idx: int | None = None, inv_freq: torch.Tensor | None = None, position: int | None = None,
+               group=None) -> torch.Tensor:
         """Context-pass scorers: a last step over one layer's scores [B, KVH, N], max-accumulated over every
         replayed chunk, with the layer's cached keys and values [B, KVH, >=N, d] (the first N are the scored
-        tokens). Most scorers have none."""
+        tokens), the layer's index, the model's RoPE frequencies (None: not rotary), the logical position right
+        after the context and the tensor-parallel group (None: heads not sharded). Most scorers have none."""
         return scores
 
     def replay_key(self) -> tuple | None:
@@ -67,6 +70,10 @@ class Scorer:
         scored), e.g. a ranking shared across layers; ``group``: the tensor-parallel process group, if the heads
         are sharded. Most scorers have none."""
         return layers
+
+    def check_model(self, identity: dict) -> None:
+        """Raise unless this scorer's own data (if any) was made for the model ``identity`` describes
+        (``depthkv.models.identity.model_identity``); most scorers carry none."""
 
     def bind(self, tokenizer) -> Scorer:
         """This scorer, completed with what it needs from the tokenizer (most need nothing)."""

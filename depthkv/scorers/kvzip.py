@@ -74,7 +74,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from depthkv.scorers import column_kernel
+from depthkv.scorers import column_kernel, question_prior
 from depthkv.scorers.base import ScoreInputs, Scorer, attention_blocks
 from depthkv.scorers.keydiff import key_distinctiveness
 from depthkv.scorers.reorder import blend_reorder, consensus
@@ -114,12 +114,14 @@ class KVzip(Scorer):
     self_weight: float = 0.0
     consensus: float = 0.0
     diversity: float = 0.0
+    question_queries: str | None = None
+    question_weight: float = 0.0
     name = "kvzip"
     needs_attention = True
     context_pass = True
     #: options that act only after the replay (``finish`` / ``finish_layers``): scorers differing only in them
     #: share one replay
-    finish_options: ClassVar[tuple[str, ...]] = ("consensus", "diversity")
+    finish_options: ClassVar[tuple[str, ...]] = ("consensus", "diversity", "question_queries", "question_weight")
 
     def __post_init__(self) -> None:
         if self.replay_chunk < 1 or self.overlap < 0:
@@ -136,10 +138,15 @@ class KVzip(Scorer):
         if isinstance(self.self_weight, bool) or not isinstance(self.self_weight, (int, float)) \
                 or not 0 <= self.self_weight <= 1:
             raise ValueError(f"KVzip needs a self_weight in [0, 1], got {self.self_weight!r}")
-        for option in ("consensus", "diversity"):
+        for option in ("consensus", "diversity", "question_weight"):
             weight = getattr(self, option)
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
                 raise ValueError(f"KVzip needs a {option} weight >= 0, got {weight!r}")
+        if self.question_weight > 0 and not self.question_queries:
+            raise ValueError("KVzip's question_weight needs question_queries: the path of a file written by "
+                             "depthkv question-queries")
+        if self.question_queries is not None:
+            self.question_queries = str(self.question_queries)
         if self.prompt_ids is not None:
             self.prompt_ids = tuple(int(t) for t in self.prompt_ids)
             self.next_prompt_ids = tuple(int(t) for t in (self.next_prompt_ids or self.prompt_ids))
@@ -151,20 +158,55 @@ class KVzip(Scorer):
 
     @property
     def whole_context(self) -> bool:
-        """The consensus ranks every layer's scores of the whole context at once, the diversity blend ranks a
-        layer's whole context: no chunk-by-chunk pruning."""
-        return self.consensus > 0 or self.diversity > 0
+        """The consensus ranks every layer's scores of the whole context at once, the diversity and question
+        blends rank a layer's whole context: no chunk-by-chunk pruning."""
+        return self.consensus > 0 or self.diversity > 0 or self.question_weight > 0
 
-    def finish(self, scores: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        if self.diversity == 0:
-            return scores
-        return blend_reorder(scores, key_distinctiveness(keys[..., : scores.shape[-1], :]), self.diversity)
+    def finish(self, scores: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *,
+               layer_idx: int | None = None, inv_freq: torch.Tensor | None = None, position: int | None = None,
+               group=None) -> torch.Tensor:
+        """The diversity blend, then the question-direction blend (``layer_idx``, ``inv_freq``: the model's RoPE
+        frequencies and ``position``: the first position after the context are needed for it; ``group``: the
+        tensor-parallel group when the heads are sharded)."""
+        n = scores.shape[-1]
+        if self.diversity > 0:
+            scores = blend_reorder(scores, key_distinctiveness(keys[..., :n, :]), self.diversity)
+        if self.question_weight > 0:
+            scores = blend_reorder(scores, self._question_signal(keys[..., :n, :], layer_idx, inv_freq, position,
+                                                                 group), self.question_weight)
+        return scores
+
+    def _question_signal(self, keys: torch.Tensor, layer_idx: int | None, inv_freq: torch.Tensor | None,
+                         position: int | None, group) -> torch.Tensor:
+        """[B, KVH, N] logit of each key under this layer's mean calibration-question query (question_prior)."""
+        if layer_idx is None or inv_freq is None or position is None:
+            raise ValueError("KVzip's question blend needs the layer index, the model's RoPE frequencies and the "
+                             "position after the context (a rotary model, scored through depthkv's engine)")
+        table = question_prior.load_cached(self.question_queries).table
+        if layer_idx >= table.shape[0]:
+            raise question_prior.QuestionQueriesError(
+                f"{self.question_queries} holds {table.shape[0]} layers; this model has more: record them for "
+                "this model (depthkv question-queries)")
+        directions = table[layer_idx]
+        if group is not None:  # this rank's shard of the KV heads, hence of the query heads
+            import torch.distributed as dist
+
+            world, rank = dist.get_world_size(group), dist.get_rank(group)
+            per_rank = directions.shape[0] // world
+            directions = directions[rank * per_rank:(rank + 1) * per_rank]
+        return question_prior.question_logits(directions, keys, inv_freq,
+                                              position + question_prior.QUESTION_LEAD)
 
     def finish_layers(self, layers: list[torch.Tensor | None], group=None) -> list[torch.Tensor | None]:
         if self.consensus == 0:
             return layers
         shared = consensus(layers, group)
         return [None if s is None else blend_reorder(s, shared.to(s.device), self.consensus) for s in layers]
+
+    def check_model(self, identity: dict) -> None:
+        """Raise unless the question queries (if any) were recorded on the model ``identity`` describes."""
+        if self.question_queries:
+            question_prior.load_cached(self.question_queries).check_model(identity, source=self.question_queries)
 
     @property
     def ready(self) -> bool:

@@ -35,7 +35,7 @@ class KVzipValue(KVzip):
     value_weight: float = 0.5
     name = "kvzip_v"
     whole_context = True
-    finish_options = ("consensus", "diversity", "value_weight")
+    finish_options = (*KVzip.finish_options, "value_weight")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -43,9 +43,10 @@ class KVzipValue(KVzip):
                 or not self.value_weight >= 0:
             raise ValueError(f"KVzipValue needs a value_weight >= 0, got {self.value_weight!r}")
 
-    def finish(self, scores: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """The value-norm blend first, then KVzip's own finish (``diversity``) on its order."""
-        return super().finish(value_reorder(scores, values[..., : scores.shape[-1], :], self.value_weight), keys, values)
+    def finish(self, scores: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, **where) -> torch.Tensor:
+        """The value-norm blend first, then KVzip's own finish (``diversity``, the question blend) on its order."""
+        return super().finish(value_reorder(scores, values[..., : scores.shape[-1], :], self.value_weight), keys,
+                              values, **where)
 
 
 def value_reorder(scores: torch.Tensor, values: torch.Tensor, weight: float) -> torch.Tensor:
