@@ -190,3 +190,31 @@ def test_cli_records_question_queries_for_the_model(tiny_llama_dir, tmp_path, ca
     rc = main(["question-queries", "--model", str(tiny_llama_dir), "--data", "nosuch", "--out", str(tmp_path / "x")])
     assert rc == 2 and "nosuch" in one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "x").exists()
+
+
+def test_the_committed_qwen_profile_finds_its_question_queries():
+    """The Qwen profile in docs/results carries the option; its queries file sits beside it and was recorded on the
+    model the profile was calibrated on."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "docs" / "results" / "qwen_gpu_4k"
+    prof = Profile.load(folder / "profile_kvzip_vc_qdir_agnostic.json")
+    options = prof.scorer_options
+    assert options["question_weight"] == 0.5 and options["diversity"] == 0.5
+    assert Path(options["question_queries"]) == (folder / "question_queries_mix4k.safetensors").resolve()
+    queries = QuestionQueries.load(options["question_queries"])
+    queries.check_model(prof.data["model"])
+    assert queries.table.shape == (28, 12, 128) and queries.meta["data"]["n_samples"] == 64
+
+
+def test_cli_refuses_question_queries_of_another_model_in_one_line(tiny_llama_dir, tiny_models, tmp_path, capsys,
+                                                                   single_thread):
+    foreign = _queries_file(tiny_models("qwen2"), tmp_path / "qwen.safetensors", "tiny-qwen")
+    options = json.dumps({"kvzip": {"question_queries": str(foreign), "question_weight": 0.5}})
+    out = tmp_path / "p.json"
+    rc = main(["calibrate", "--model", str(tiny_llama_dir), "--device", "cpu", "--scorer", "kvzip", "--setting",
+               "agnostic", "--samples", "2", "--context-tokens", "200", "--data", "needle", "--scorer-options",
+               options, "--out", str(out)])
+    err = one_error_line(capsys.readouterr().err, skip=("Loading weights", "[depthkv.models]"))
+    assert rc == 2 and "taken on 'tiny-qwen'" in err and "record them for this model" in err
+    assert not out.exists()

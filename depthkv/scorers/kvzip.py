@@ -63,6 +63,24 @@ samples per task, own profile, ``adaptive`` with per-KV-head budgets) ``kvzip_vc
 of the full-cache score at ratio 0.8 (4k / 8k: level with ``w`` = 0) and 0.77 / 0.80 at 0.9 (+0.10 / +0.12 over
 ``w`` = 0; docs/agnostic.md). The default stays 0 so that a profile's recorded options keep their meaning: a
 profile calibrated with ``w`` = 0.5 builds its scorer with it.
+
+Optional question directions (``question_weight = w > 0`` with ``question_queries``, not in the paper). A context
+compressed before its question still meets questions of a kind, and each query head tends to look one way when
+they are asked. ``depthkv question-queries`` records that way once per model: the mean pre-RoPE query of the
+question and answer tokens of calibration samples, per layer and query head (``depthkv.scorers.question_prior``).
+Once a layer is replayed, each KV head re-orders its tokens by ``rank(own order) + w * rank(logit)``, the logit
+being what that direction, rotated to just after the context, gives each key (mean over the KV head's query
+group); again each head keeps its multiset of scores, so the budgets stay. Chosen on the calibration split (one
+H200, 4k tokens, 12 samples each of six families, directions from other calibration samples, the lowest answer KL
+summed over ratios 0.8 and 0.9 among ``w`` = 0.5 and 1; benchmarks/results/dev_question_weight_qwen_4k_gpu.json):
+``w`` = 0.5, 1.53 against 1.62 for ``kvzip_vc`` with ``diversity=0.5`` (0.28 against 0.52 at 0.8, but 1.25 against
+1.10 at 0.9, where needle and multikey rose). Held out (``eval`` split, 40 samples per task of needle, multikey,
+vartrack and docqa, own profile, ``adaptive`` with per-KV-head budgets) it kept 0.92 / 0.95 of the full-cache score
+at ratio 0.8 (4k / 8k) and 0.82 / 0.88 at 0.9, against 0.84 / 0.89 and 0.77 / 0.80 without it; directions
+recorded on code or math questions alone gave 0.92 / 0.90 at 0.8 (4k), so they transfer across question kinds;
+on gsm_inf, code_next_line and multihop it was level within noise (-0.04 at 0.8, +0.02 at 0.9, CIs covering 0;
+docs/agnostic.md). The profile must be calibrated with the
+option: the same directions on the ``diversity=0.5`` profile fell to 0.58 at 0.9.
 """
 
 from __future__ import annotations
