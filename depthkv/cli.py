@@ -575,7 +575,8 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
                    help="token scorer the probes prune with; use the profile with the same scorer")
     p.add_argument("--scorer-options", default=None,
                    help='options of --scorer as JSON, in eval\'s form, e.g. \'{"kvzip_v": {"value_weight": 1.0}}\' '
-                        "(recorded in the profile)")
+                        "(recorded in the profile); KVzip's question_weight without question_queries records "
+                        "them from the calibration samples into <out stem>.queries.safetensors first")
     p.add_argument("--setting", default="aware", choices=SETTINGS,
                    help="aware: the question is inside the pruned prefill (generate, eval --settings aware); "
                         "agnostic: only the context is pruned, the question follows (compress/ask, "
@@ -637,7 +638,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise SystemExit("error: --samples must be >= 2 (statistics need more than one sample)")
     if args.probe_batch < 1:
         raise SystemExit(f"error: --probe-batch must be >= 1, got {args.probe_batch}")
-    options = scorer_options_of(args.scorer_options, args.scorer)
+    text, auto_queries = _with_auto_question_queries(args.scorer_options, args.scorer, args.out)
+    options = scorer_options_of(text, args.scorer)
     check_calibration_data(args.data)
     if args.plots:
         pyplot("--plots")  # before the calibration: a missing extra is said at once
@@ -652,7 +654,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                             n_sink=args.n_sink, n_recent=args.n_recent, n_perm=args.permutations,
                             proxy=not args.no_proxy, proxy_tau=args.infonce_tau, probe_batch=args.probe_batch)
     lm = load(args)
-    profile = calibrate(lm, cfg)
+    if auto_queries is not None:  # where this calibration's own questions look, for KVzip's question blend
+        _record_question_queries(lm, args.data, args.samples, args.context_tokens, args.seed, auto_queries)
+    try:
+        profile = calibrate(lm, cfg)
+    except BaseException:
+        if auto_queries is not None:
+            auto_queries.unlink(missing_ok=True)
+        raise
     profile.save(args.out)
     print_summary(profile)
     print(f"profile written to {args.out}")
@@ -678,24 +687,39 @@ def _question_queries_args(p: argparse.ArgumentParser) -> None:
 def cmd_question_queries(args: argparse.Namespace) -> int:
     """Record where calibration questions look (mean pre-RoPE query per layer and head), for KVzip's
     question_weight option."""
+    check_calibration_data(args.data)
+    _record_question_queries(load(args), args.data, args.samples, args.context_tokens, args.seed, args.out)
+    return 0
+
+
+def _record_question_queries(lm, data: str, samples: int, context_tokens: int, seed: int, out: Path) -> None:
+    """Record the mean question query of ``samples`` calibration items (question after the context) to ``out``."""
     from depthkv.calibration.queries import record_question_queries
     from depthkv.calibration.run import CalibrationConfig, load_items
 
-    check_calibration_data(args.data)
-    lm = load(args)
-    cfg = CalibrationConfig(data=args.data, samples=args.samples, context_tokens=args.context_tokens,
-                            setting="agnostic", seed=args.seed)
+    cfg = CalibrationConfig(data=data, samples=samples, context_tokens=context_tokens, setting="agnostic", seed=seed)
     try:
-        items, data = load_items(lm.tokenizer, cfg, next(lm.model.parameters()).device)
+        items, desc = load_items(lm.tokenizer, cfg, next(lm.model.parameters()).device)
     except ValueError as exc:  # data that cannot make samples of this size: one line
         raise CliError(str(exc)) from None
-    meta = {"model": lm.identity, "data": {k: data[k] for k in ("description", "sha256",
-                                                                                       "n_samples", "tasks")}}
+    meta = {"model": lm.identity, "data": {k: desc[k] for k in ("description", "sha256", "n_samples", "tasks")}}
     queries = record_question_queries(lm.model, items, meta)
-    queries.save(args.out)
+    queries.save(out)
     print(f"question queries ({len(items)} samples, {tuple(queries.table.shape)} layers x heads x dim) written to "
-          f"{args.out}")
-    return 0
+          f"{out}")
+
+
+def _with_auto_question_queries(text: str | None, scorer: str, out: Path) -> tuple[str | None, Path | None]:
+    """``--scorer-options`` for calibrate: a ``question_weight`` given without ``question_queries`` gets the file
+    ``<out stem>.queries.safetensors``, recorded from the calibration's own samples before it runs (returned
+    as the second item; None when nothing is to be recorded)."""
+    options = parse_scorer_options(text)
+    mine = options.get(scorer)
+    if not isinstance(mine, dict) or not mine.get("question_weight") or mine.get("question_queries"):
+        return text, None
+    path = out.with_name(out.stem + ".queries.safetensors")
+    options[scorer] = {**mine, "question_queries": str(path)}
+    return json.dumps(options), path
 
 
 def _ratio_list(text: str, flag: str) -> tuple[float, ...]:
