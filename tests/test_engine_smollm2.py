@@ -55,3 +55,26 @@ def test_smollm2_pruned_cache_is_physically_smaller(smol, prompt):
     assert sum(lengths) == round(30 * n * 0.4)
     assert p.session.kept_kv_bytes <= 0.4 * full_kv_bytes(model, n) + 30 * 3 * 64 * 4 * 2
     assert out.shape[1] == n + 1 + 4
+
+
+def test_smollm2_with_its_committed_question_profile_compresses_and_answers(smol):
+    """The committed SmolLM2 profile calibrated with KVzip's question blend: a press given only the profile takes
+    its scorer and options (the queries file beside it), keeps the exact budget and still finds a needle."""
+    from pathlib import Path
+
+    from depthkv.allocation import BudgetSpec
+    from depthkv.tasks import generate
+    from depthkv.tasks.prompt import build_prompt
+
+    profile = Path(__file__).resolve().parents[1] / "docs/results/agnostic_smollm2/profile_kvzip_vc_qdir_agnostic.json"
+    sample = generate("needle", 1, 0, context_tokens=512, split="eval")[0]
+    ctx, question = build_prompt(smol.tokenizer, sample, question_in_prefill=False)
+    ctx, question = torch.tensor([list(ctx)]), torch.tensor([list(question)])
+    p = depthkv.press(smol.model, ratio=0.8, setting="agnostic", profile=str(profile), tokenizer=smol.tokenizer)
+    assert p.scorer.name == "kvzip_vc" and p.scorer.question_weight == 0.5 and p.config.strategy == "adaptive"
+    comp = p.compress(ctx)
+    uniform = BudgetSpec(0.8, "uniform", None, (), p.protection.size).for_context(30, ctx.shape[1])
+    assert sum(p.budgets.tokens) == sum(uniform.tokens)  # the global budget stays exact
+    out = p.answer(comp, question, max_new_tokens=24, do_sample=False)
+    text = smol.tokenizer.decode(out[0, ctx.shape[1] + question.shape[1]:], skip_special_tokens=True)
+    assert sample.answer.strip().split()[0] in text, (text, sample.answer)

@@ -192,19 +192,23 @@ def test_cli_records_question_queries_for_the_model(tiny_llama_dir, tmp_path, ca
     assert not (tmp_path / "x").exists()
 
 
-def test_the_committed_qwen_profile_finds_its_question_queries():
-    """The Qwen profile in docs/results carries the option; its queries file sits beside it and was recorded on the
-    model the profile was calibrated on."""
+@pytest.mark.parametrize("folder, queries_file, shape", [
+    ("qwen_gpu_4k", "question_queries_mix4k.safetensors", (28, 12, 128)),
+    ("agnostic_smollm2", "question_queries_mix1k.safetensors", (30, 9, 64)),
+])
+def test_the_committed_profiles_find_their_question_queries(folder, queries_file, shape):
+    """The profiles in docs/results calibrated with the option; each queries file sits beside its profile and was
+    recorded on the model the profile was calibrated on."""
     from pathlib import Path
 
-    folder = Path(__file__).resolve().parents[1] / "docs" / "results" / "qwen_gpu_4k"
+    folder = Path(__file__).resolve().parents[1] / "docs" / "results" / folder
     prof = Profile.load(folder / "profile_kvzip_vc_qdir_agnostic.json")
     options = prof.scorer_options
     assert options["question_weight"] == 0.5 and options["diversity"] == 0.5
-    assert Path(options["question_queries"]) == (folder / "question_queries_mix4k.safetensors").resolve()
+    assert Path(options["question_queries"]) == (folder / queries_file).resolve()
     queries = QuestionQueries.load(options["question_queries"])
     queries.check_model(prof.data["model"])
-    assert queries.table.shape == (28, 12, 128) and queries.meta["data"]["n_samples"] == 64
+    assert queries.table.shape == shape and queries.meta["data"]["n_samples"] == 64
 
 
 def test_cli_refuses_question_queries_of_another_model_in_one_line(tiny_llama_dir, tiny_models, tmp_path, capsys,

@@ -79,8 +79,8 @@ vartrack and docqa, own profile, ``adaptive`` with per-KV-head budgets) it kept 
 at ratio 0.8 (4k / 8k) and 0.82 / 0.88 at 0.9, against 0.84 / 0.89 and 0.77 / 0.80 without it; directions
 recorded on code or math questions alone gave 0.92 / 0.90 at 0.8 (4k), so they transfer across question kinds;
 on gsm_inf, code_next_line and multihop it was level within noise (-0.04 at 0.8, +0.02 at 0.9, CIs covering 0;
-docs/agnostic.md). The profile must be calibrated with the
-option: the same directions on the ``diversity=0.5`` profile fell to 0.58 at 0.9.
+docs/agnostic.md). The profile must be calibrated with the option: the same directions on the ``diversity=0.5``
+profile fell to 0.58 at 0.9.
 """
 
 from __future__ import annotations
