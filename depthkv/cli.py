@@ -571,8 +571,10 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="mix",
                    help="calibration data: 'mix' (needle, multikey, vartrack, gsm_inf, code), a task name, or a "
                         "JSONL file of {context, question, answer} rows")
-    p.add_argument("--scorer", default="snapkv", choices=sorted(SCORERS),
-                   help="token scorer the probes prune with; use the profile with the same scorer")
+    p.add_argument("--scorer", default=None, choices=sorted(SCORERS),
+                   help="token scorer the probes prune with; use the profile with the same scorer (default: the "
+                        "setting's measured best: snapkv for aware; kvzip_vc with diversity 0.5 and the question "
+                        "blend, question_weight 0.5, for agnostic)")
     p.add_argument("--scorer-options", default=None,
                    help='options of --scorer as JSON, in eval\'s form, e.g. \'{"kvzip_v": {"value_weight": 1.0}}\' '
                         "(recorded in the profile); KVzip's question_weight without question_queries records "
@@ -638,6 +640,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise SystemExit("error: --samples must be >= 2 (statistics need more than one sample)")
     if args.probe_batch < 1:
         raise SystemExit(f"error: --probe-batch must be >= 1, got {args.probe_batch}")
+    if args.scorer is None:  # the setting's measured-best scorer and options; options given for it take precedence
+        from depthkv.allocation.defaults import CALIBRATION_SCORERS
+
+        args.scorer, defaults = CALIBRATION_SCORERS[args.setting]
+        given = parse_scorer_options(args.scorer_options)
+        if defaults:
+            args.scorer_options = json.dumps({**given, args.scorer: {**defaults, **given.get(args.scorer, {})}})
     text, auto_queries = _with_auto_question_queries(args.scorer_options, args.scorer, args.out)
     options = scorer_options_of(text, args.scorer)
     check_calibration_data(args.data)

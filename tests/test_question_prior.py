@@ -226,17 +226,19 @@ def test_cli_refuses_question_queries_of_another_model_in_one_line(tiny_llama_di
 
 def test_calibrate_records_the_question_queries_it_needs_beside_the_profile(tiny_llama_dir, tmp_path, capsys,
                                                                             single_thread):
-    """``question_weight`` without a file: calibrate records one from its own samples, next to the profile, and the
-    profile names it relative to itself."""
+    """No scorer named in the agnostic setting: the measured-best one, ``kvzip_vc`` with ``diversity`` and the question
+    blend (an option given for it wins); ``question_weight`` without a file: calibrate records one from its own
+    samples, next to the profile, and the profile names it relative to itself."""
     out = tmp_path / "prof" / "p.json"
-    options = json.dumps({"kvzip": {"question_weight": 0.5}})
-    rc = main(["calibrate", "--model", str(tiny_llama_dir), "--device", "cpu", "--scorer", "kvzip", "--setting",
-               "agnostic", "--samples", "2", "--context-tokens", "200", "--data", "needle", "--no-proxy",
+    options = json.dumps({"kvzip_vc": {"diversity": 0.25}})
+    rc = main(["calibrate", "--model", str(tiny_llama_dir), "--device", "cpu", "--setting", "agnostic",
+               "--samples", "2", "--context-tokens", "200", "--data", "needle", "--no-proxy",
                "--permutations", "20", "--scorer-options", options, "--out", str(out)])
     assert rc == 0 and "written to" in capsys.readouterr().out
     sidecar = tmp_path / "prof" / "p.queries.safetensors"
-    saved = json.loads(out.read_text())["scorer"]["options"]
-    assert saved == {"question_weight": 0.5, "question_queries": "p.queries.safetensors"}
+    saved = json.loads(out.read_text())["scorer"]
+    assert saved["name"] == "kvzip_vc"
+    assert saved["options"] == {"diversity": 0.25, "question_weight": 0.5, "question_queries": "p.queries.safetensors"}
     queries = QuestionQueries.load(sidecar)
     assert queries.meta["data"]["n_samples"] == 2 and queries.table.shape == (4, 4, 16)
     assert Profile.load(out).scorer_options["question_queries"] == str(sidecar.resolve())
