@@ -242,3 +242,43 @@ def test_calibrate_records_the_question_queries_it_needs_beside_the_profile(tiny
     queries = QuestionQueries.load(sidecar)
     assert queries.meta["data"]["n_samples"] == 2 and queries.table.shape == (4, 4, 16)
     assert Profile.load(out).scorer_options["question_queries"] == str(sidecar.resolve())
+
+
+def _sharded_blend_worker(rank: int, port: int, path: str, scores, keys, values, inv_freq, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:  # each rank holds one of the two KV heads (and its two query heads), as under tensor parallelism
+        scorer = get_scorer("kvzip", prompt_ids=PROMPT, question_queries=path, question_weight=1.0)
+        got = scorer.finish(scores[:, rank:rank + 1], keys[:, rank:rank + 1], values[:, rank:rank + 1], layer_idx=1,
+                            inv_freq=inv_freq, position=40, group=dist.group.WORLD)
+        torch.save(got, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                    reason="torch.distributed with the gloo backend is not available in this build")
+def test_question_blend_over_sharded_heads_equals_the_single_process_one(tiny_models, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    model = tiny_models("llama")
+    path = str(_queries_file(model, tmp_path / "q.safetensors"))
+    g = torch.Generator().manual_seed(3)
+    scores, keys, values = torch.rand(1, 2, 40, generator=g), torch.randn(1, 2, 40, 16, generator=g), torch.randn(1, 2, 40, 16, generator=g)
+    inv_freq = rope_inv_freq(model)
+    want = get_scorer("kvzip", prompt_ids=PROMPT, question_queries=path, question_weight=1.0).finish(
+        scores, keys, values, layer_idx=1, inv_freq=inv_freq, position=40)
+    assert not torch.equal(want, scores)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_sharded_blend_worker, args=(port, path, scores, keys, values, inv_freq, str(tmp_path)),
+                       nprocs=2, start_method="spawn")
+    for rank in range(2):
+        assert torch.equal(torch.load(tmp_path / f"rank{rank}.pt"), want[:, rank:rank + 1])
