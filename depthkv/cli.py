@@ -473,7 +473,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
     print(f"context: {comp.n_tokens} tokens ({args.context_file}); model {lm.name}, scorer {args.scorer}, {split}"
           f"{', per-head budgets' if c.head_budgets else ''}, "
           f"{'chunked C=' + str(args.chunk_size) if args.chunk_size else 'post-prefill'}, {seconds:.1f} s")
-    print(f"KV bytes full / kept / share kept: {full:,} / {kept:,} / {kept / full:.3f}")
+    ragged = comp.kv_bytes_ragged()
+    pairs = f"; KV pairs really kept (per-head budgets, without padding): {ragged:,} / {ragged / full:.3f}"
+    print(f"KV bytes full / kept / share kept: {full:,} / {kept:,} / {kept / full:.3f}"
+          f"{pairs if ragged != kept else ''}")
     print(f"compressed context written to {path} ({path.stat().st_size:,} bytes); ask with: depthkv ask {path} "
           '"your question"')
     return 0

@@ -343,6 +343,10 @@ def test_cli_compress_defaults_to_the_agnostic_settings(cli, tmp_path, capsys):
     assert header["compression"]["scorer"] == "kvzip" and header["compression"]["head_budgets"] is True
     comp = CompressedContext.load(out, models["tiny"])
     assert comp.budgets.strategy == "global" and sum(comp.budgets.tokens) == round(4 * comp.n_tokens * 0.5)
+    # per-head budgets: the padded tensors and the KV pairs really kept are both reported
+    per_pair = comp.full_kv_bytes() // (4 * comp.n_tokens * 2)  # one token of one KV head in one layer (2 KV heads)
+    assert comp.kv_bytes_ragged() == sum(comp.budgets.tokens) * 2 * per_pair < comp.kv_bytes()
+    assert f"KV pairs really kept (per-head budgets, without padding): {comp.kv_bytes_ragged():,}" in printed
 
 
 def _expected_answers(model, tok, questions, max_new_tokens) -> list[str]:

@@ -41,7 +41,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from depthkv.allocation.budgets import BudgetError, Budgets
-from depthkv.engine.cache import kv_bytes, layer_from_state, layer_state
+from depthkv.engine.cache import kv_bytes, kv_bytes_ragged, layer_from_state, layer_state
 from depthkv.engine.tensor_parallel import kv_shards
 from depthkv.io import atomic_path
 from depthkv.models.identity import model_identity
@@ -160,6 +160,11 @@ class CompressedContext:
     def kv_bytes(self) -> int:
         """Bytes the kept keys and values take, measured on the cache tensors."""
         return kv_bytes(self.cache)
+
+    def kv_bytes_ragged(self) -> int:
+        """Bytes of the KV pairs really kept: with per-head budgets, :meth:`kv_bytes` without the padding that
+        stores a layer's heads at one length."""
+        return kv_bytes_ragged(self.cache)
 
     def full_kv_bytes(self) -> int:
         """Bytes a full cache of the same context would take: each layer's per-token bytes (read off its real
