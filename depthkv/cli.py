@@ -630,7 +630,7 @@ def check_calibration_data(data: str) -> None:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """Measure per-layer pruning sensitivity once and write a profile."""
     from depthkv.calibration.report import print_summary
-    from depthkv.calibration.run import CalibrationConfig, calibrate
+    from depthkv.calibration.run import CalibrationConfig, calibrate, load_items
     from depthkv.extras import pyplot
 
     try:
@@ -666,6 +666,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                             n_sink=args.n_sink, n_recent=args.n_recent, n_perm=args.permutations,
                             proxy=not args.no_proxy, proxy_tau=args.infonce_tau, probe_batch=args.probe_batch)
     lm = load(args)
+    try:  # data that cannot make samples of this size: one line, before any work (the samples are cached)
+        load_items(lm.tokenizer, cfg, next(lm.model.parameters()).device)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     if auto_queries is not None:  # where this calibration's own questions look, for KVzip's question blend
         _record_question_queries(lm, args.data, args.samples, args.context_tokens, args.seed, auto_queries)
     try:

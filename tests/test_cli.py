@@ -463,3 +463,11 @@ def test_budgets_plot_starts_at_zero(monkeypatch, tmp_path):
     lo, hi = figs[0].axes[0].get_ylim()
     assert lo == 0.0 and hi == pytest.approx(budget_ylim(0.401)[1]) and hi >= 0.401
     assert budget_ylim(1.0) == (0.0, pytest.approx(1.08))
+
+
+def test_calibrate_refuses_data_that_cannot_fill_the_context_in_one_line(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "p.json"
+    rc = main(["calibrate", "--model", str(tiny_llama_dir), "--device", "cpu", "--data", "mix", "--samples", "5",
+               "--context-tokens", "300", "--out", str(out)])
+    err = conftest_one_error_line(capsys.readouterr().err, skip=("Loading weights", "[depthkv.models]"))
+    assert rc == 2 and "leaves no room" in err and not out.exists()
