@@ -630,7 +630,7 @@ def check_calibration_data(data: str) -> None:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """Measure per-layer pruning sensitivity once and write a profile."""
     from depthkv.calibration.report import print_summary
-    from depthkv.calibration.run import CalibrationConfig, calibrate, load_items
+    from depthkv.calibration.run import CalibrationConfig, calibrate
     from depthkv.extras import pyplot
 
     try:
@@ -643,15 +643,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise SystemExit("error: --samples must be >= 2 (statistics need more than one sample)")
     if args.probe_batch < 1:
         raise SystemExit(f"error: --probe-batch must be >= 1, got {args.probe_batch}")
+    given = parse_scorer_options(args.scorer_options)
     if args.scorer is None:  # the setting's measured-best scorer and options; options given for it take precedence
         from depthkv.allocation.defaults import CALIBRATION_SCORERS
 
         args.scorer, defaults = CALIBRATION_SCORERS[args.setting]
-        given = parse_scorer_options(args.scorer_options)
-        if defaults:
-            args.scorer_options = json.dumps({**given, args.scorer: {**defaults, **given.get(args.scorer, {})}})
-    text, auto_queries = _with_auto_question_queries(args.scorer_options, args.scorer, args.out)
-    options = scorer_options_of(text, args.scorer)
+        if defaults and isinstance(given.get(args.scorer, {}), dict):
+            given[args.scorer] = {**defaults, **given.get(args.scorer, {})}
+    auto_queries = _auto_question_queries(given, args.scorer, args.out)
+    options = checked_scorer_options(given, args.scorer)
     check_calibration_data(args.data)
     if args.plots:
         pyplot("--plots")  # before the calibration: a missing extra is said at once
@@ -666,10 +666,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                             n_sink=args.n_sink, n_recent=args.n_recent, n_perm=args.permutations,
                             proxy=not args.no_proxy, proxy_tau=args.infonce_tau, probe_batch=args.probe_batch)
     lm = load(args)
-    try:  # data that cannot make samples of this size: one line, before any work (the samples are cached)
-        load_items(lm.tokenizer, cfg, next(lm.model.parameters()).device)
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
     if auto_queries is not None:  # where this calibration's own questions look, for KVzip's question blend
         _record_question_queries(lm, args.data, args.samples, args.context_tokens, args.seed, auto_queries)
     try:
@@ -714,10 +710,7 @@ def _record_question_queries(lm, data: str, samples: int, context_tokens: int, s
     from depthkv.calibration.run import CalibrationConfig, load_items
 
     cfg = CalibrationConfig(data=data, samples=samples, context_tokens=context_tokens, setting="agnostic", seed=seed)
-    try:
-        items, desc = load_items(lm.tokenizer, cfg, next(lm.model.parameters()).device)
-    except ValueError as exc:  # data that cannot make samples of this size: one line
-        raise CliError(str(exc)) from None
+    items, desc = load_items(lm.tokenizer, cfg, next(lm.model.parameters()).device)
     meta = {"model": lm.identity, "data": {k: desc[k] for k in ("description", "sha256", "n_samples", "tasks")}}
     queries = record_question_queries(lm.model, items, meta)
     queries.save(out)
@@ -725,17 +718,16 @@ def _record_question_queries(lm, data: str, samples: int, context_tokens: int, s
           f"{out}")
 
 
-def _with_auto_question_queries(text: str | None, scorer: str, out: Path) -> tuple[str | None, Path | None]:
-    """``--scorer-options`` for calibrate: a ``question_weight`` given without ``question_queries`` gets the file
-    ``<out stem>.queries.safetensors``, recorded from the calibration's own samples before it runs (returned
-    as the second item; None when nothing is to be recorded)."""
-    options = parse_scorer_options(text)
+def _auto_question_queries(options: dict, scorer: str, out: Path) -> Path | None:
+    """calibrate's scorer options: a ``question_weight`` given without ``question_queries`` gets the file
+    ``<out stem>.queries.safetensors`` (set in ``options``), to be recorded from the calibration's own samples
+    before it runs; returns that path (None: nothing to record)."""
     mine = options.get(scorer)
     if not isinstance(mine, dict) or not mine.get("question_weight") or mine.get("question_queries"):
-        return text, None
+        return None
     path = out.with_name(out.stem + ".queries.safetensors")
     options[scorer] = {**mine, "question_queries": str(path)}
-    return json.dumps(options), path
+    return path
 
 
 def _ratio_list(text: str, flag: str) -> tuple[float, ...]:
@@ -1043,9 +1035,13 @@ def parse_scorer_options(text: str | None) -> dict:
 def scorer_options_of(text: str | None, scorer: str) -> dict:
     """The options ``--scorer-options`` (eval's per-scorer form) gives the one scorer of a command, checked by
     building the scorer with them."""
+    return checked_scorer_options(parse_scorer_options(text), scorer)
+
+
+def checked_scorer_options(options: dict, scorer: str) -> dict:
+    """The options of ``scorer`` in ``options`` (eval's per-scorer form), checked by building the scorer."""
     from depthkv.scorers import check_scorer_options
 
-    options = parse_scorer_options(text)
     try:
         check_scorer_options(options, [scorer])
     except ValueError as exc:
@@ -1249,6 +1245,7 @@ def main(argv: list[str] | None = None) -> int:
     from depthkv.allocation.budgets import BudgetError
     from depthkv.allocation.profile import ProfileError
     from depthkv.allocation.registry import AllocatorError
+    from depthkv.calibration.run import CalibrationDataError
     from depthkv.engine.compressed import CompressedContextError
     from depthkv.extras import MissingExtraError
     from depthkv.models.errors import DepthKVModelError
@@ -1259,7 +1256,8 @@ def main(argv: list[str] | None = None) -> int:
         resolve_device_args(args)  # a bad --device/--dtype fails here, before any loading work
         return args.func(args)
     except (BudgetError, AllocatorError, ProfileError, DepthKVModelError, FileNotFoundError,
-            NotImplementedError, CompressedContextError, CliError, MissingExtraError, QuestionQueriesError) as exc:
+            NotImplementedError, CompressedContextError, CliError, MissingExtraError, QuestionQueriesError,
+            CalibrationDataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except SystemExit as exc:  # raise SystemExit("error: ...") in a command: bad input, one line, code 2

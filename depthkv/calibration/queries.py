@@ -4,7 +4,8 @@ For every calibration item (question after the context, as in the ``agnostic`` s
 answer are prefilled once with the full cache; the post-RoPE queries of the question and answer tokens are
 turned back into their pre-RoPE form (``question_prior.unrotate``) and averaged, first over the item's tokens,
 then over the items (each item counts once, whatever its question's length). The result is what
-``KVzip(question_weight=...)`` reads (``depthkv.scorers.question_prior``).
+``KVzip(question_weight=...)`` reads (``depthkv.scorers.question_prior``). It is its own pass, one prefill per item,
+because a calibration with that option needs the finished directions before it scores its first sample.
 """
 
 from __future__ import annotations

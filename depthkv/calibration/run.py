@@ -24,6 +24,11 @@ from depthkv.scorers import get_scorer
 DEFAULT_PROBES = (0.5, 0.8, 0.95, 1.0)
 
 
+class CalibrationDataError(ValueError):
+    """Calibration data that cannot make the samples asked for (contexts too short for a task's facts, no
+    answers to teacher-force): one line, before any model work on them."""
+
+
 @dataclass
 class CalibrationConfig:
     """What to calibrate on and how; defaults documented in docs/calibration.md."""
@@ -69,16 +74,19 @@ def load_items(tokenizer, cfg: CalibrationConfig, device=None) -> tuple[list[Cal
     from depthkv.tasks.prompt import build_prompt, token_counter
 
     count = token_counter(tokenizer)
-    if cfg.data == "mix":
-        samples = calibration_mix(cfg.samples, cfg.seed, cfg.context_tokens, count)
-    elif Path(cfg.data).suffix == ".jsonl":
-        samples = load_jsonl(cfg.data)[: cfg.samples]
-    else:
-        samples = generate(cfg.data, cfg.samples, cfg.seed, context_tokens=cfg.context_tokens, count_tokens=count,
-                           split="calib")
+    try:
+        if cfg.data == "mix":
+            samples = calibration_mix(cfg.samples, cfg.seed, cfg.context_tokens, count)
+        elif Path(cfg.data).suffix == ".jsonl":
+            samples = load_jsonl(cfg.data)[: cfg.samples]
+        else:
+            samples = generate(cfg.data, cfg.samples, cfg.seed, context_tokens=cfg.context_tokens,
+                               count_tokens=count, split="calib")
+    except ValueError as exc:  # e.g. a context too short for the facts a task inserts
+        raise CalibrationDataError(str(exc)) from None
     samples = [s for s in samples if s.answer.strip()]
     if not samples:
-        raise ValueError(f"calibration data {cfg.data!r} gave no samples with an answer to teacher-force")
+        raise CalibrationDataError(f"calibration data {cfg.data!r} gave no samples with an answer to teacher-force")
     aware = _check_setting(cfg.setting) == "aware"
     items, digest = [], hashlib.sha256()
     for s in samples:

@@ -532,6 +532,7 @@ def _set_up(lm, cfg: EvalConfig, out: str | Path, *, force: bool, write_config: 
     the profile and the samples, and write ``config.json`` into a new folder."""
     import depthkv
     from depthkv.engine import Protection
+    from depthkv.engine.press import bind_scorer
     from depthkv.models.identity import model_identity
     from depthkv.scorers import get_scorer
     from depthkv.tasks.prompt import token_counter
@@ -579,9 +580,9 @@ def _set_up(lm, cfg: EvalConfig, out: str | Path, *, force: bool, write_config: 
     }
     if cfg.scorer_options:
         common["scorer_options"] = cfg.scorer_options
-    scorers = [cfg.scorer(s).bind(tok) for s in cfg.scorers] if cfg.pruned_methods else [get_scorer("knorm")]
-    for scorer in scorers:  # data a scorer carries (KVzip's question queries) must be this model's
-        scorer.check_model(identity)
+    # bound to the tokenizer (KVzip's repeat prompt) after checking data a scorer carries is this model's
+    scorers = [bind_scorer(cfg.scorer(s), model, tok) for s in cfg.scorers] if cfg.pruned_methods \
+        else [get_scorer("knorm")]
     return _Sweep(
         cfg, lm.name, model, tok, folder, n_layers, view, samples, scorers, Protection(cfg.n_sink, cfg.n_recent),
         token_counter(tok), common, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
